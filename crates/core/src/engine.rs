@@ -13,6 +13,7 @@
 //! the lock table and rebuilt on restore.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::Arc;
 
 use oclocks_proto::{Kind, Mode};
@@ -202,6 +203,46 @@ pub(crate) struct Ended {
     pub reported: bool,
 }
 
+/// LOCK outcomes by nonce, for nonces at or above the session's mark.
+/// A sorted deque rather than a map: nonces arrive almost in order and are
+/// forgotten from the front, so inserts are appends and the memory is
+/// reused instead of allocated per request; bounded by
+/// `outcomes_per_session_max`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Outcomes(VecDeque<(Nonce, Outcome)>);
+
+impl Outcomes {
+    fn find(&self, nonce: Nonce) -> Result<usize, usize> {
+        self.0.binary_search_by_key(&nonce, |(n, _)| *n)
+    }
+
+    pub fn get(&self, nonce: &Nonce) -> Option<&Outcome> {
+        self.find(*nonce).ok().map(|i| &self.0[i].1)
+    }
+
+    /// Set the outcome of `nonce`, replacing an earlier one.
+    pub fn insert(&mut self, nonce: Nonce, outcome: Outcome) {
+        match self.find(nonce) {
+            Ok(i) => self.0[i].1 = outcome,
+            Err(i) => self.0.insert(i, (nonce, outcome)),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn first_nonce(&self) -> Option<Nonce> {
+        self.0.front().map(|(n, _)| *n)
+    }
+
+    fn forget_below(&mut self, mark: Nonce) {
+        while self.0.front().is_some_and(|(n, _)| *n < mark) {
+            self.0.pop_front();
+        }
+    }
+}
+
 /// Where a session's queued LOCK waits.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct WaitRef {
@@ -239,7 +280,7 @@ pub(crate) struct Session {
     pub timeout_ms: u64,
     pub deadline: u64,
     pub low_water: Nonce,
-    pub outcomes: BTreeMap<Nonce, Outcome>,
+    pub outcomes: Outcomes,
     /// This session's ended grants, newest last, bounded.
     pub ended: VecDeque<Ended>,
     /// Derived: grants bound to this session.
@@ -310,7 +351,7 @@ pub struct Engine {
     timers: BTreeSet<(u64, Timer)>,
     /// Derived: token → absolute position in `st.ended` (whose front is at
     /// `ended_base`). Lookups only; never iterated, so its order is moot.
-    ended_index: HashMap<Token, u64>,
+    ended_index: HashMap<Token, u64, BuildHasherDefault<TokenHasher>>,
     ended_base: u64,
     /// Effects of the command being applied.
     effects: Vec<Effect>,
@@ -318,8 +359,33 @@ pub struct Engine {
     changed: Vec<LockRef>,
     /// Locks whose queue must be served before the step ends; served in
     /// (zone, name) order, which fixes the order of tokens.
-    to_pump: BTreeSet<LockRef>,
+    to_pump: Vec<LockRef>,
+    /// Scratch for `pump_all` (kept to reuse its memory).
+    pumping: Vec<LockRef>,
     check_invariants: bool,
+}
+
+/// A hasher for fencing tokens. Tokens are assigned by the engine, never
+/// chosen by a client, so there is no collision attack to defend against:
+/// a multiplicative (Fibonacci) hash spreads consecutive tokens well at a
+/// fraction of SipHash's cost on the release path.
+#[derive(Default)]
+struct TokenHasher(u64);
+
+impl Hasher for TokenHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        }
+    }
+
+    fn write_u64(&mut self, v: u64) {
+        self.0 = (self.0 ^ v).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
 }
 
 /// Caller checks, shared by every session-bound operation.
@@ -351,11 +417,12 @@ impl Engine {
             },
             identities: BTreeMap::new(),
             timers: BTreeSet::new(),
-            ended_index: HashMap::new(),
+            ended_index: HashMap::default(),
             ended_base: 0,
             effects: Vec::new(),
             changed: Vec::new(),
-            to_pump: BTreeSet::new(),
+            to_pump: Vec::new(),
+            pumping: Vec::new(),
             check_invariants: cfg!(debug_assertions),
         }
     }
@@ -518,7 +585,7 @@ impl Engine {
                     if let Some(lock) = self.lock_mut(&lr.0, &lr.1) {
                         lock.set_available_at(0);
                     }
-                    self.to_pump.insert(lr);
+                    self.to_pump.push(lr);
                 }
             }
             // Every session due at this instant expires before any queue is
@@ -622,7 +689,7 @@ impl Engine {
                 timeout_ms: timeout,
                 deadline,
                 low_water: 0,
-                outcomes: BTreeMap::new(),
+                outcomes: Outcomes::default(),
                 ended: VecDeque::new(),
                 held: BTreeMap::new(),
                 waits: BTreeMap::new(),
@@ -780,12 +847,7 @@ impl Engine {
         }
         if req.low_water > s.low_water {
             s.low_water = req.low_water;
-            while let Some(e) = s.outcomes.first_entry() {
-                if *e.key() >= req.low_water {
-                    break;
-                }
-                e.remove();
-            }
+            s.outcomes.forget_below(req.low_water);
         }
         if s.outcomes.len() >= outcomes_max {
             return Reply::Refused(Refusal::Limit {
@@ -1031,8 +1093,15 @@ impl Engine {
     // ------------------------------------------------------------------
 
     fn pump_all(&mut self) {
-        while let Some(lr) = self.to_pump.pop_first() {
-            self.pump(&lr);
+        while !self.to_pump.is_empty() {
+            let mut batch = std::mem::take(&mut self.pumping);
+            std::mem::swap(&mut batch, &mut self.to_pump);
+            batch.sort_unstable();
+            batch.dedup();
+            for lr in batch.drain(..) {
+                self.pump(&lr);
+            }
+            self.pumping = batch;
         }
     }
 
@@ -1180,7 +1249,7 @@ impl Engine {
                 }
             }
         }
-        self.to_pump.insert(lr.clone());
+        self.to_pump.push(lr.clone());
     }
 
     // ------------------------------------------------------------------
@@ -1258,7 +1327,7 @@ impl Engine {
             });
         }
         self.changed.push(lr.clone());
-        self.to_pump.insert(lr.clone());
+        self.to_pump.push(lr.clone());
         true
     }
 
@@ -2011,7 +2080,7 @@ impl Engine {
                     return Err("watch index disagrees".into());
                 }
             }
-            if s.outcomes.keys().next().is_some_and(|&n| n < s.low_water) {
+            if s.outcomes.first_nonce().is_some_and(|n| n < s.low_water) {
                 return Err(format!("session {c:x} remembers nonces below its mark"));
             }
         }

@@ -19,7 +19,9 @@ pub struct EngineLimits {
     pub identity_bytes_max: usize,
     /// Waiters queued on one lock (SPEC 8: 10,000).
     pub waiters_per_lock_max: usize,
-    /// Holds plus waits of one session.
+    /// Holds plus waits of one session. Kept well under the wire's
+    /// `list_entries_max` and message size, so that a HELLO reply can list
+    /// all of a session's holds and waits in one message.
     pub locks_per_session_max: usize,
     /// Open sessions bound to one identity.
     pub sessions_per_identity_max: usize,
@@ -62,7 +64,7 @@ impl Default for EngineLimits {
             lock_name_bytes_max: 255,
             identity_bytes_max: 1024,
             waiters_per_lock_max: 10_000,
-            locks_per_session_max: 10_000,
+            locks_per_session_max: 4096,
             sessions_per_identity_max: 10_000,
             sessions_max: 1_000_000,
             outcomes_per_session_max: 1024,

@@ -140,27 +140,9 @@ pub enum Op {
     Rebase,
 }
 
-/// Why a grant ended without its owner releasing it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub enum LossReason {
-    /// The holder's session expired.
-    SessionExpired,
-    /// The grant's TTL passed.
-    TtlExpired,
-    /// An operator broke the lock.
-    Broken,
-}
-
-impl LossReason {
-    /// The wire value (LOST event reason).
-    pub fn to_u8(self) -> u8 {
-        match self {
-            LossReason::SessionExpired => 1,
-            LossReason::TtlExpired => 2,
-            LossReason::Broken => 3,
-        }
-    }
-}
+/// Why a grant ended without its owner releasing it (the LOST reason of the
+/// wire protocol).
+pub use oclocks_proto::LostReason as LossReason;
 
 /// How a grant ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]

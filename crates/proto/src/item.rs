@@ -3,7 +3,7 @@
 //! then that parameter ([`Param`]).
 //!
 //! This module knows nothing about which codes exist or what they mean (that
-//! is [`crate::codes`]), nor about messages (that is [`crate::codec`]): it
+//! is [`crate::codes`]), nor about messages (that is the codecs, [`crate::RequestCodec`]): it
 //! frames and unframes single items. [`ItemHeader::peek`] is the one place
 //! that reads an item's header; the message decoder uses it too, so both
 //! layers agree on the framing byte for byte.

@@ -17,9 +17,9 @@ use crate::codes;
 #[serde(default, deny_unknown_fields)]
 pub struct Limits {
     /// Bytes of a zone name (`ZONE`).
-    pub zone_bytes_max: usize,
+    pub zone_name_bytes_max: usize,
     /// Bytes of a lock name (`NAME`, `START_AFTER`, `NEXT_CURSOR`).
-    pub name_bytes_max: usize,
+    pub lock_name_bytes_max: usize,
     /// Bytes of a key of the zone's key-value space.
     pub key_bytes_max: usize,
     /// Bytes of a value of the zone's key-value space.
@@ -49,8 +49,8 @@ pub struct Limits {
 impl Default for Limits {
     fn default() -> Limits {
         Limits {
-            zone_bytes_max: 63,
-            name_bytes_max: 255,
+            zone_name_bytes_max: 63,
+            lock_name_bytes_max: 255,
             key_bytes_max: 1024,
             value_bytes_max: 1024 * 1024,
             keys_per_lock_max: 1024,
@@ -73,8 +73,8 @@ impl Limits {
     pub fn string_bytes_max(&self, code: u16) -> Option<usize> {
         use codes::{cluster, lock, reply};
         match crate::item::canonical(code) {
-            lock::ZONE => Some(self.zone_bytes_max),
-            lock::NAME | lock::START_AFTER | reply::NEXT_CURSOR => Some(self.name_bytes_max),
+            lock::ZONE => Some(self.zone_name_bytes_max),
+            lock::NAME | lock::START_AFTER | reply::NEXT_CURSOR => Some(self.lock_name_bytes_max),
             reply::IDENTITY => Some(self.identity_bytes_max),
             reply::MESSAGE => Some(self.error_text_bytes_max),
             cluster::SITE => Some(self.site_bytes_max),
@@ -87,8 +87,8 @@ impl Limits {
     /// has the same table, checked by a test.
     pub fn table(&self) -> [(&'static str, usize); 14] {
         [
-            ("zone_bytes_max", self.zone_bytes_max),
-            ("name_bytes_max", self.name_bytes_max),
+            ("zone_name_bytes_max", self.zone_name_bytes_max),
+            ("lock_name_bytes_max", self.lock_name_bytes_max),
             ("key_bytes_max", self.key_bytes_max),
             ("value_bytes_max", self.value_bytes_max),
             ("keys_per_lock_max", self.keys_per_lock_max),

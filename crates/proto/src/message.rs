@@ -3,7 +3,7 @@
 //! list entries.
 //!
 //! These are plain data. The item layout of each is in PROTOCOL.md; the
-//! conversions are in [`crate::encode`] and [`crate::decode`]. Durations are
+//! conversions are in the private modules `encode` and `decode`. Durations are
 //! relative milliseconds (`*_ms`), never instants. Fields that PROTOCOL.md
 //! gives a default (mode, kind, `0 = none` durations, flags) are plain values
 //! here: encoders leave a field out when it holds its default, and decoders

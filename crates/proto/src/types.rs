@@ -65,16 +65,17 @@ impl Kind {
     }
 }
 
-/// Why a holder lost a grant it did not release (the LOST event).
+/// Why a holder lost a grant it did not release (the LOST event). The wire
+/// values start at 1, so a zero byte never passes for a reason.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[repr(u8)]
 pub enum LostReason {
     /// The holder's session expired (connection locks only).
-    SessionExpired = 0,
+    SessionExpired = 1,
     /// The grant's TTL passed.
-    TtlExpired = 1,
+    TtlExpired = 2,
     /// An operator broke the lock.
-    Broken = 2,
+    Broken = 3,
 }
 
 impl LostReason {
@@ -86,9 +87,9 @@ impl LostReason {
     /// The reason with this wire value, if any.
     pub fn from_u8(v: u8) -> Option<LostReason> {
         match v {
-            0 => Some(LostReason::SessionExpired),
-            1 => Some(LostReason::TtlExpired),
-            2 => Some(LostReason::Broken),
+            1 => Some(LostReason::SessionExpired),
+            2 => Some(LostReason::TtlExpired),
+            3 => Some(LostReason::Broken),
             _ => None,
         }
     }
@@ -341,7 +342,7 @@ mod tests {
             assert_eq!(Kind::from_u8(v).map(Kind::to_u8), (v < 2).then_some(v));
             assert_eq!(
                 LostReason::from_u8(v).map(LostReason::to_u8),
-                (v < 3).then_some(v)
+                (1..=3).contains(&v).then_some(v)
             );
             assert_eq!(Role::from_u8(v).map(Role::to_u8), (v < 4).then_some(v));
         }

@@ -213,10 +213,17 @@ fn invalid_values() {
         },
     );
     check_response(
-        &(ID.to_owned() + "8201 01 'z' 8202 01 'n' 3207 0000000000000001 0701 03 7701"),
+        &(ID.to_owned() + "8201 01 'z' 8202 01 'n' 3207 0000000000000001 0701 04 7701"),
         DecodeError::InvalidValue {
             field: "LOST_REASON",
-            value: 3,
+            value: 4,
+        },
+    );
+    check_response(
+        &(ID.to_owned() + "8201 01 'z' 8202 01 'n' 3207 0000000000000001 0701 00 7701"),
+        DecodeError::InvalidValue {
+            field: "LOST_REASON",
+            value: 0,
         },
     );
     check_request(

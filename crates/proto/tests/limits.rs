@@ -53,8 +53,8 @@ fn allocated_by<T>(f: impl FnOnce() -> T) -> (T, usize) {
 /// Limits that let anything through, for encoding over-limit test input.
 fn loose() -> Limits {
     Limits {
-        zone_bytes_max: usize::MAX,
-        name_bytes_max: usize::MAX,
+        zone_name_bytes_max: usize::MAX,
+        lock_name_bytes_max: usize::MAX,
         message_bytes_max: usize::MAX,
         items_per_message_max: usize::MAX,
         list_entries_max: usize::MAX,
@@ -294,7 +294,7 @@ fn eight_gib_string_claim_fails_at_once() {
 
     // With the zone limit lifted, the message limit catches the same claim.
     let limits = Limits {
-        zone_bytes_max: usize::MAX,
+        zone_name_bytes_max: usize::MAX,
         ..Limits::default()
     };
     let mut codec = RequestCodec::new(limits);
@@ -499,8 +499,8 @@ fn list_entries_at_the_edge() {
 #[test]
 fn defaults_are_the_spec() {
     let l = Limits::default();
-    assert_eq!(l.zone_bytes_max, 63);
-    assert_eq!(l.name_bytes_max, 255);
+    assert_eq!(l.zone_name_bytes_max, 63);
+    assert_eq!(l.lock_name_bytes_max, 255);
     assert_eq!(l.key_bytes_max, 1024);
     assert_eq!(l.value_bytes_max, 1 << 20);
     assert_eq!(l.keys_per_lock_max, 1024);

@@ -950,3 +950,89 @@ fn entry_sizes_stay_compact() {
     assert!(std::mem::size_of::<Holder>() <= 96);
     assert!(std::mem::size_of::<Lock>() <= 112);
 }
+
+/// LIST pages through a zone in name order with a cursor; counts per zone
+/// agree with the table.
+#[test]
+fn list_pages_and_zone_counts() {
+    let mut h = H::new();
+    h.open(1);
+    h.open(2);
+    for name in ["d", "a", "c", "b", "e"] {
+        h.token(1, name);
+    }
+    h.lock(2, "c", Mode::Exclusive, WAIT_FOREVER);
+    let (page, next) = h.e.list(ZONE, None, 2);
+    let names: Vec<&str> = page.iter().map(|l| &*l.name).collect();
+    assert_eq!(names, ["a", "b"]);
+    assert_eq!(next.as_deref(), Some("b"));
+    let (page, next) = h.e.list(ZONE, next.as_deref(), 2);
+    assert_eq!(
+        page.iter().map(|l| &*l.name).collect::<Vec<_>>(),
+        ["c", "d"]
+    );
+    assert_eq!(page[0].waiters, 1);
+    let (page, next) = h.e.list(ZONE, next.as_deref(), 2);
+    assert_eq!(page.iter().map(|l| &*l.name).collect::<Vec<_>>(), ["e"]);
+    assert_eq!(next, None);
+    assert!(h.e.list("nowhere", None, 10).0.is_empty());
+    let counts = h.e.zone_counts();
+    assert_eq!(counts.len(), 1);
+    assert_eq!(
+        counts[0].1,
+        ZoneCounts {
+            locks: 5,
+            holders: 5,
+            waiters: 1
+        }
+    );
+}
+
+/// Sessions per identity at the edge: the last one opens, one more is LIMIT;
+/// resuming an existing session does not count again.
+#[test]
+fn sessions_per_identity_limit_at_edge() {
+    let mut h = H::with(EngineLimits {
+        sessions_per_identity_max: 2,
+        ..EngineLimits::default()
+    });
+    // Clients 1, 3, 5 share identity "id-1".
+    assert!(matches!(h.open(1), Reply::Session { resumed: false, .. }));
+    assert!(matches!(h.open(3), Reply::Session { resumed: false, .. }));
+    assert!(matches!(h.open(1), Reply::Session { resumed: true, .. }));
+    assert!(matches!(
+        h.open(5),
+        Reply::Refused(Refusal::Limit { what }) if what == "sessions_per_identity_max"
+    ));
+    h.apply(Op::CloseSession { caller: caller(3) });
+    assert!(matches!(h.open(5), Reply::Session { resumed: false, .. }));
+}
+
+/// A session timeout outside the configured bounds is clamped, and the
+/// effective timeout is reported.
+#[test]
+fn session_timeout_is_clamped() {
+    let mut h = H::new();
+    let r = h.apply(Op::OpenSession {
+        caller: caller(1),
+        timeout_ms: 1,
+    });
+    assert!(matches!(
+        r.reply,
+        Reply::Session {
+            timeout_ms: 1000,
+            ..
+        }
+    ));
+    let r = h.apply(Op::OpenSession {
+        caller: caller(3),
+        timeout_ms: u64::MAX,
+    });
+    assert!(matches!(
+        r.reply,
+        Reply::Session {
+            timeout_ms: 600_000,
+            ..
+        }
+    ));
+}
