@@ -459,6 +459,14 @@ impl Engine {
         self.timers.first().map(|(d, _)| *d)
     }
 
+    /// The reading of the current term's leader clock at which engine time
+    /// reaches `engine_ms`; meaningful once a command of the current term
+    /// (its first is a re-base) has been applied.
+    pub fn leader_clock_at(&self, engine_ms: u64) -> u64 {
+        let t = i128::from(engine_ms) - i128::from(self.st.offset);
+        u64::try_from(t.max(0)).unwrap_or(u64::MAX)
+    }
+
     /// Number of open sessions.
     pub fn session_count(&self) -> usize {
         self.st.sessions.len()

@@ -18,6 +18,12 @@ use crate::types::{ErrorCode, Kind, LostReason, Mode, Role};
 /// The protocol version this crate speaks.
 pub const PROTOCOL_VERSION: u16 = 1;
 
+/// The TLS ALPN protocol name of the client protocol (this crate's items).
+pub const ALPN_CLIENT: &[u8] = b"oclocks/1";
+
+/// The TLS ALPN protocol name of the server-to-server (peer) protocol.
+pub const ALPN_PEER: &[u8] = b"oclocks-peer/1";
+
 /// [`Lock::wait_ms`] for "wait until granted or cancelled".
 pub const WAIT_FOREVER: u64 = u64::MAX;
 

@@ -1,0 +1,393 @@
+//! A running Raft node: the stores, the openraft instance, and the proposal
+//! batcher in front of it.
+//!
+//! Owns: starting a node from a data directory (bootstrapping a one-member
+//! cluster only when asked and only when the directory is fresh), the
+//! proposal queue, and shutdown.
+//!
+//! Group commit: openraft 0.9 turns each `client_write` into its own log
+//! append and waits for that append's fsync before taking the next, so
+//! commands proposed one by one would cost one fsync each. [`RaftNode`]
+//! therefore queues proposals (FIFO) and a batcher task submits everything
+//! that queued while the previous batch was being made durable as *one* log
+//! entry ([`Proposal`]): one append, one fsync, one apply; each command gets
+//! its own reply. Idle, a lone command goes out at once (no added latency);
+//! under load, batches grow up to `max_batch_commands`. Queue order is log
+//! order.
+//!
+//! Must never: acknowledge a command before its entry is committed and
+//! applied; hold the engine's lock across an `.await`; bootstrap a data
+//! directory that already holds a cluster. (The data directory's identity —
+//! cluster id, node incarnation — is decided elsewhere, next issue.)
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use oclocks_core::{Command, Engine, EngineLimits, Reply};
+use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError as OpenRaftError};
+use openraft::{BasicNode, ServerState};
+use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::task::JoinHandle;
+
+use super::error::{ProposeError, RaftError, ReadError, StoreError};
+use super::log_store::{LogStats, LogStore};
+use super::network::{Network, NoPeers, PeerTransport};
+use super::options::RaftOptions;
+use super::state_machine::{AppliedBatch, StateMachineStore};
+use super::{NodeId, Proposal, Raft};
+
+/// How to start a node.
+#[derive(Clone, Debug)]
+pub struct NodeOptions {
+    pub node_id: NodeId,
+    /// Holds `raft-log.redb` and `snapshots/`.
+    pub data_dir: PathBuf,
+    /// The engine's limits (must be the same on every replica).
+    pub limits: EngineLimits,
+    pub options: RaftOptions,
+    /// Start a new one-member cluster if the data directory is fresh.
+    /// Ignored (with a log line) when it already holds a cluster.
+    pub bootstrap: bool,
+    /// The address peers reach this node at (stored in the membership).
+    pub advertise_addr: String,
+}
+
+/// One queued proposal.
+struct Pending {
+    cmd: Command,
+    tx: oneshot::Sender<Result<Reply, ProposeError>>,
+}
+
+/// The reply to a submitted command, once its entry is committed and
+/// applied. Await it (it is a future).
+#[must_use = "a PendingReply does nothing unless awaited"]
+pub struct PendingReply {
+    rx: oneshot::Receiver<Result<Reply, ProposeError>>,
+}
+
+impl Future for PendingReply {
+    type Output = Result<Reply, ProposeError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        Pin::new(&mut self.rx).poll(cx).map(|r| {
+            r.unwrap_or_else(|_| {
+                Err(ProposeError::Fatal(
+                    "raft node shut down before the command was applied".into(),
+                ))
+            })
+        })
+    }
+}
+
+/// A running Raft node. Cheap to clone (clones share the node).
+#[derive(Clone)]
+pub struct RaftNode {
+    id: NodeId,
+    raft: Raft,
+    engine: Arc<Mutex<Engine>>,
+    queue: mpsc::Sender<Pending>,
+    batcher: Arc<Mutex<Option<JoinHandle<()>>>>,
+    log_closed: Weak<()>,
+    log_stats: Arc<LogStats>,
+}
+
+impl RaftNode {
+    /// Start a node with no peer transport (single-node clusters).
+    pub async fn start(
+        opts: NodeOptions,
+    ) -> Result<(RaftNode, mpsc::UnboundedReceiver<AppliedBatch>), RaftError> {
+        RaftNode::start_with_transport(opts, Arc::new(NoPeers)).await
+    }
+
+    /// Start a node whose Raft RPCs go over `transport`.
+    ///
+    /// Opens the stores in `opts.data_dir` (the state machine from its
+    /// latest snapshot; openraft then re-applies the log after it), starts
+    /// openraft, and — if `opts.bootstrap` and the directory is fresh (no
+    /// vote, no log, no snapshot) — initialises a one-member cluster of this
+    /// node. A restart needs no bootstrap. Returns the node and the feed of
+    /// applied effects.
+    pub async fn start_with_transport(
+        opts: NodeOptions,
+        transport: Arc<dyn PeerTransport>,
+    ) -> Result<(RaftNode, mpsc::UnboundedReceiver<AppliedBatch>), RaftError> {
+        let config = Arc::new(opts.options.to_config()?);
+        let (effects_tx, effects_rx) = mpsc::unbounded_channel();
+        let dir = opts.data_dir.clone();
+        let limits = opts.limits.clone();
+        let (log, sm) = tokio::task::spawn_blocking(move || {
+            let log = LogStore::open(&dir)?;
+            let sm = StateMachineStore::open(&dir, limits, effects_tx)?;
+            Ok::<_, StoreError>((log, sm))
+        })
+        .await
+        .map_err(|e| RaftError::Store(StoreError::Task(e.to_string())))??;
+
+        let fresh = log.is_pristine().await? && !sm.has_snapshot();
+        let engine = sm.engine();
+        let log_closed = log.closed_token();
+        let log_stats = log.stats();
+        let network = Network::new(opts.node_id, transport);
+        let raft = Raft::new(opts.node_id, config, network, log, sm)
+            .await
+            .map_err(|e| RaftError::Start(e.to_string()))?;
+
+        if fresh && opts.bootstrap {
+            let mut members = BTreeMap::new();
+            members.insert(opts.node_id, BasicNode::new(&opts.advertise_addr));
+            if let Err(e) = raft.initialize(members).await {
+                // Do not leave a half-started node running.
+                if let Err(e) = raft.shutdown().await {
+                    tracing::warn!("raft shutdown: {e}");
+                }
+                return Err(RaftError::Bootstrap(e.to_string()));
+            }
+            tracing::info!(node = opts.node_id, "bootstrapped a new one-member cluster");
+        } else if fresh {
+            tracing::info!(
+                node = opts.node_id,
+                "fresh data directory and no bootstrap: waiting to be added to a cluster"
+            );
+        } else {
+            if opts.bootstrap {
+                tracing::info!("the data directory already holds a cluster: bootstrap ignored");
+            }
+            tracing::info!(node = opts.node_id, "restarted from the data directory");
+        }
+
+        let (queue, rx) = mpsc::channel(opts.options.proposal_queue_max);
+        let batcher = tokio::spawn(run_batcher(
+            raft.clone(),
+            rx,
+            opts.options.max_batch_commands,
+            Arc::new(Semaphore::new(opts.options.max_inflight_batches)),
+        ));
+        let node = RaftNode {
+            id: opts.node_id,
+            raft,
+            engine,
+            queue,
+            batcher: Arc::new(Mutex::new(Some(batcher))),
+            log_closed,
+            log_stats,
+        };
+        Ok((node, effects_rx))
+    }
+
+    /// The openraft handle (metrics, membership changes, triggers).
+    pub fn raft(&self) -> &Raft {
+        &self.raft
+    }
+
+    /// The lock engine. Read it only after [`RaftNode::linearizable_read`]'s
+    /// check (or use that), and never hold the lock across an `.await`.
+    pub fn engine(&self) -> Arc<Mutex<Engine>> {
+        self.engine.clone()
+    }
+
+    pub fn node_id(&self) -> NodeId {
+        self.id
+    }
+
+    /// Whether this node currently believes it is the leader.
+    pub fn is_leader(&self) -> bool {
+        self.leader_term().is_some()
+    }
+
+    /// The term this node leads, if it believes it is the leader.
+    pub fn leader_term(&self) -> Option<u64> {
+        let rx = self.raft.metrics();
+        let m = rx.borrow();
+        (m.state == ServerState::Leader && m.current_leader == Some(self.id))
+            .then_some(m.current_term)
+    }
+
+    /// The leader this node knows of.
+    pub fn current_leader(&self) -> Option<NodeId> {
+        self.raft.metrics().borrow().current_leader
+    }
+
+    /// This node's current term.
+    pub fn current_term(&self) -> u64 {
+        self.raft.metrics().borrow().current_term
+    }
+
+    /// Counters of the log store (fsynced commits, entries appended).
+    pub fn log_stats(&self) -> Arc<LogStats> {
+        self.log_stats.clone()
+    }
+
+    /// Wait until some node is known as leader; returns its id.
+    pub async fn wait_for_leader(&self, timeout: Duration) -> Result<NodeId, RaftError> {
+        let m = self
+            .raft
+            .wait(Some(timeout))
+            .metrics(|m| m.current_leader.is_some(), "a known leader")
+            .await
+            .map_err(|e| RaftError::Timeout(e.to_string()))?;
+        m.current_leader
+            .ok_or_else(|| RaftError::Timeout("a known leader".into()))
+    }
+
+    /// Queue `cmd` for the log; returns once it is queued. Commands are
+    /// logged in the order they were queued. Await the returned reply for
+    /// the outcome.
+    pub async fn submit(&self, cmd: Command) -> Result<PendingReply, ProposeError> {
+        let (tx, rx) = oneshot::channel();
+        self.queue
+            .send(Pending { cmd, tx })
+            .await
+            .map_err(|_| ProposeError::Fatal("raft node is shut down".into()))?;
+        Ok(PendingReply { rx })
+    }
+
+    /// Wait for a submitted command's reply (same as awaiting it).
+    pub async fn wait_reply(&self, reply: PendingReply) -> Result<Reply, ProposeError> {
+        reply.await
+    }
+
+    /// Propose `cmd` and wait until it is committed and applied; returns the
+    /// engine's reply. Concurrent proposals share log entries and fsyncs.
+    pub async fn propose(&self, cmd: Command) -> Result<Reply, ProposeError> {
+        self.submit(cmd).await?.await
+    }
+
+    /// Run `f` on the engine after confirming, with a quorum, that this node
+    /// is the leader and has applied everything committed before the call
+    /// (read-index): the read is linearizable.
+    pub async fn linearizable_read<F, T>(&self, f: F) -> Result<T, ReadError>
+    where
+        F: FnOnce(&Engine) -> T,
+    {
+        self.raft.ensure_linearizable().await.map_err(read_error)?;
+        let engine = self
+            .engine
+            .lock()
+            .map_err(|_| ReadError::Fatal("the lock engine's mutex is poisoned".into()))?;
+        Ok(f(&engine))
+    }
+
+    /// Stop the node: stop batching (queued proposals fail), stop openraft,
+    /// and wait (up to 5 s) until the log database is closed, so the same
+    /// data directory can be opened again.
+    pub async fn shutdown(&self) {
+        let batcher = self
+            .batcher
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(b) = batcher {
+            b.abort();
+        }
+        if let Err(e) = self.raft.shutdown().await {
+            tracing::warn!("raft shutdown: {e}");
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while self.log_closed.strong_count() > 0 {
+            if tokio::time::Instant::now() >= deadline {
+                tracing::warn!("raft log store still open 5 s after shutdown");
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+}
+
+fn read_error(e: OpenRaftError<NodeId, CheckIsLeaderError<NodeId, BasicNode>>) -> ReadError {
+    match e {
+        OpenRaftError::APIError(CheckIsLeaderError::ForwardToLeader(f)) => {
+            ReadError::ForwardToLeader {
+                leader_id: f.leader_id,
+                leader_addr: f.leader_node.map(|n| n.addr),
+            }
+        }
+        OpenRaftError::APIError(CheckIsLeaderError::QuorumNotEnough(q)) => {
+            ReadError::QuorumNotReached(q.to_string())
+        }
+        OpenRaftError::Fatal(f) => ReadError::Fatal(f.to_string()),
+    }
+}
+
+/// Submit queued proposals as batches, in queue order, with at most
+/// `inflight` batches between submission and reply.
+async fn run_batcher(
+    raft: Raft,
+    mut rx: mpsc::Receiver<Pending>,
+    max_batch: usize,
+    inflight: Arc<Semaphore>,
+) {
+    loop {
+        // Take the slot first: while waiting for it, proposals pile up and
+        // the next batch gets all of them.
+        let Ok(permit) = inflight.clone().acquire_owned().await else {
+            return;
+        };
+        let Some(first) = rx.recv().await else {
+            return;
+        };
+        let mut commands = vec![first.cmd];
+        let mut waiters = vec![first.tx];
+        while commands.len() < max_batch {
+            match rx.try_recv() {
+                Ok(p) => {
+                    commands.push(p.cmd);
+                    waiters.push(p.tx);
+                }
+                Err(_) => break,
+            }
+        }
+        tracing::trace!(commands = commands.len(), "submitting a batch");
+        match raft.client_write_ff(Proposal { commands }).await {
+            Err(fatal) => {
+                drop(permit);
+                fail_all(waiters, ProposeError::Fatal(fatal.to_string()));
+            }
+            Ok(reply_rx) => {
+                tokio::spawn(async move {
+                    let res = reply_rx.await;
+                    drop(permit);
+                    match res {
+                        Ok(Ok(resp)) => {
+                            let replies = resp.data.replies;
+                            if replies.len() == waiters.len() {
+                                for (w, r) in waiters.into_iter().zip(replies) {
+                                    let _ = w.send(Ok(r));
+                                }
+                            } else {
+                                let msg = format!(
+                                    "{} replies for {} commands",
+                                    replies.len(),
+                                    waiters.len()
+                                );
+                                fail_all(waiters, ProposeError::Other(msg));
+                            }
+                        }
+                        Ok(Err(ClientWriteError::ForwardToLeader(f))) => fail_all(
+                            waiters,
+                            ProposeError::ForwardToLeader {
+                                leader_id: f.leader_id,
+                                leader_addr: f.leader_node.map(|n| n.addr),
+                            },
+                        ),
+                        Ok(Err(e)) => fail_all(waiters, ProposeError::Other(e.to_string())),
+                        Err(_) => fail_all(
+                            waiters,
+                            ProposeError::Fatal("raft stopped before the entry was applied".into()),
+                        ),
+                    }
+                });
+            }
+        }
+    }
+}
+
+fn fail_all(waiters: Vec<oneshot::Sender<Result<Reply, ProposeError>>>, e: ProposeError) {
+    for w in waiters {
+        let _ = w.send(Err(e.clone()));
+    }
+}
