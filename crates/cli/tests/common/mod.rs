@@ -49,9 +49,15 @@ impl Node {
         let certs = dir.path().join("certs");
         let d = certs.to_str().expect("utf-8 path");
         run_ok(&mut oclocks(&["certs", "init", "--dir", d]));
-        run_ok(&mut oclocks(&["certs", "issue", "--dir", d, "--server", "node1"]));
-        run_ok(&mut oclocks(&["certs", "issue", "--dir", d, "--client", "alice"]));
-        run_ok(&mut oclocks(&["certs", "issue", "--dir", d, "--client", "bob"]));
+        run_ok(&mut oclocks(&[
+            "certs", "issue", "--dir", d, "--server", "node1",
+        ]));
+        run_ok(&mut oclocks(&[
+            "certs", "issue", "--dir", d, "--client", "alice",
+        ]));
+        run_ok(&mut oclocks(&[
+            "certs", "issue", "--dir", d, "--client", "bob",
+        ]));
         let addr = free_port();
         let config = dir.path().join("node1.toml");
         std::fs::write(
@@ -180,4 +186,99 @@ key_file = "{key}"
         ),
     )
     .expect("write client config");
+}
+
+/// A raw protocol connection (TLS 1.3, a client certificate, ALPN
+/// `oclocks/1`) for tests that must send what the client library never
+/// would, such as a corrupted signature.
+pub struct RawConn {
+    framed: tokio_util::codec::Framed<
+        tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+        oclocks_proto::ResponseCodec,
+    >,
+    next_id: u64,
+}
+
+impl RawConn {
+    pub async fn connect(node: &Node, who: &str) -> RawConn {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+        let certs = node.path("certs");
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let mut roots = rustls::RootCertStore::empty();
+        for c in CertificateDer::pem_file_iter(certs.join("ca.pem")).expect("ca") {
+            roots.add(c.expect("ca cert")).expect("add ca");
+        }
+        let chain: Vec<CertificateDer<'static>> =
+            CertificateDer::pem_file_iter(certs.join(format!("{who}.pem")))
+                .expect("cert")
+                .map(|c| c.expect("cert"))
+                .collect();
+        let key = PrivateKeyDer::from_pem_file(certs.join(format!("{who}.key"))).expect("key");
+        let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .expect("tls13")
+            .with_root_certificates(roots)
+            .with_client_auth_cert(chain, key)
+            .expect("client auth");
+        cfg.alpn_protocols = vec![oclocks_proto::ALPN_CLIENT.to_vec()];
+        let tcp = tokio::net::TcpStream::connect(node.addr)
+            .await
+            .expect("tcp");
+        let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
+            .connect(ServerName::try_from("127.0.0.1").expect("name"), tcp)
+            .await
+            .expect("tls handshake");
+        let framed = tokio_util::codec::Framed::new(
+            tls,
+            oclocks_proto::ResponseCodec::new(oclocks_proto::Limits::default()),
+        );
+        let mut c = RawConn { framed, next_id: 1 };
+        let hello = c
+            .request(oclocks_proto::RequestBody::Hello(oclocks_proto::Hello {
+                protocol_version: oclocks_proto::PROTOCOL_VERSION,
+                client_id: rand_client_id(),
+                session_timeout_ms: None,
+            }))
+            .await;
+        assert!(
+            matches!(hello, oclocks_proto::ResponseBody::HelloOk(_)),
+            "{hello:?}"
+        );
+        c
+    }
+
+    /// Send one request and return its final reply (events are skipped).
+    pub async fn request(
+        &mut self,
+        body: oclocks_proto::RequestBody,
+    ) -> oclocks_proto::ResponseBody {
+        use futures::{SinkExt, StreamExt};
+        let id = self.next_id;
+        self.next_id += 1;
+        self.framed
+            .send(oclocks_proto::Request { id, body })
+            .await
+            .expect("send");
+        loop {
+            let r = self
+                .framed
+                .next()
+                .await
+                .expect("connection open")
+                .expect("decodes");
+            if r.id == id && !matches!(r.body, oclocks_proto::ResponseBody::Queued { .. }) {
+                return r.body;
+            }
+        }
+    }
+}
+
+fn rand_client_id() -> u128 {
+    use std::time::{SystemTime, UNIX_EPOCH};
+    let t = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    t ^ (u128::from(std::process::id()) << 64)
 }
