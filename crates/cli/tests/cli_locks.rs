@@ -193,3 +193,32 @@ fn static_lock_survives_restart_and_only_its_key_releases_it() {
         stderr(&out)
     );
 }
+
+/// GET over plain HTTP: the whole response as text.
+fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("connect http");
+    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").expect("write");
+    let mut out = String::new();
+    s.read_to_string(&mut out).expect("read");
+    out
+}
+
+/// The operator endpoints answer: /health is up, /ready is 200 with the
+/// node's JSON while it serves, /metrics speaks Prometheus text, anything
+/// else is 404.
+#[test]
+fn http_health_ready_metrics() {
+    let node = Node::start(10_000);
+    assert!(http_get(node.http, "/health").starts_with("HTTP/1.1 200"));
+    let ready = http_get(node.http, "/ready");
+    assert!(ready.starts_with("HTTP/1.1 200"), "{ready}");
+    assert!(
+        ready.contains("\"node\":1") && ready.contains("\"leader\":1"),
+        "{ready}"
+    );
+    let metrics = http_get(node.http, "/metrics");
+    assert!(metrics.contains("oclocks_raft_term 1"), "{metrics}");
+    assert!(metrics.contains("oclocks_sessions"), "{metrics}");
+    assert!(http_get(node.http, "/nope").starts_with("HTTP/1.1 404"));
+}

@@ -53,6 +53,7 @@ pub struct Ctx {
     pub admins: Vec<String>,
     pub acceptor: TlsAcceptor,
     pub next_conn_id: AtomicU64,
+    pub metrics: Arc<crate::http::Metrics>,
 }
 
 /// Accept one TCP connection: handshake, then serve it.
@@ -62,6 +63,7 @@ pub async fn accept(ctx: Arc<Ctx>, tcp: TcpStream) {
     let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, ctx.acceptor.accept(tcp)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
+            ctx.metrics.tls_refused.inc();
             tracing::info!(?peer, "TLS handshake refused: {e}");
             return;
         }
@@ -88,7 +90,10 @@ pub async fn accept(ctx: Arc<Ctx>, tcp: TcpStream) {
     };
     let id = ctx.next_conn_id.fetch_add(1, Ordering::Relaxed);
     tracing::debug!(conn = id, ?peer, %identity, "client connected");
+    ctx.metrics.connections.inc();
+    let metrics = ctx.metrics.clone();
     serve(ctx, tls, identity, id).await;
+    metrics.connections.dec();
 }
 
 /// Serve one authenticated connection until it closes.
@@ -143,12 +148,14 @@ where
                     CodecError::Encode(d) => (ErrorCode::Protocol, d.to_string()),
                     CodecError::Io(_) => break,
                 };
+                ctx.metrics.protocol_errors.inc();
                 tracing::info!(conn = conn_id, "closing after undecodable input: {msg}");
                 conn.send(reply::error(id, code, msg));
                 break;
             }
         };
         let id = req.id;
+        ctx.metrics.requests.inc();
         if let RequestBody::Hello(h) = &req.body {
             if session.is_some() {
                 conn.send(reply::error(id, ErrorCode::Protocol, "HELLO already done"));

@@ -17,6 +17,7 @@
 pub mod config;
 mod conn;
 mod driver;
+pub mod http;
 mod hub;
 mod proposer;
 pub mod raft;

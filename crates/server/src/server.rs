@@ -92,6 +92,13 @@ pub async fn run(
             addr: cfg.listen.to_string(),
             source,
         })?;
+    let http_listener =
+        TcpListener::bind(cfg.http)
+            .await
+            .map_err(|source| ServerError::Listen {
+                addr: cfg.http.to_string(),
+                source,
+            })?;
     let cluster_id = cluster_id(&cfg.data_dir, bootstrap)?;
     let heartbeat = Duration::from_millis(cfg.raft.heartbeat_ms);
     let options = RaftOptions {
@@ -126,6 +133,19 @@ pub async fn run(
         heartbeat / 4,
         stop_rx,
     ));
+    let metrics = Arc::new(crate::http::Metrics::default());
+    let conns = Arc::new(tokio::sync::Semaphore::new(cfg.limits.connections_max));
+    let http_addr = http_listener.local_addr().ok();
+    let http = tokio::spawn(crate::http::serve(
+        http_listener,
+        Arc::new(crate::http::HttpState {
+            node: node.clone(),
+            node_id: cfg.node_id,
+            site: cfg.site.clone(),
+            metrics: metrics.clone(),
+        }),
+        stop_tx.subscribe(),
+    ));
     let ctx = Arc::new(Ctx {
         node: node.clone(),
         proposer,
@@ -140,9 +160,10 @@ pub async fn run(
         admins: cfg.admins.clone(),
         acceptor: TlsAcceptor::from(tls),
         next_conn_id: AtomicU64::new(1),
+        metrics,
     });
-    let conns = Arc::new(tokio::sync::Semaphore::new(cfg.limits.connections_max));
-    tracing::info!(node = cfg.node_id, listen = %cfg.listen, cluster = %format!("{cluster_id:032x}"), "serving");
+    tracing::info!(node = cfg.node_id, listen = %cfg.listen, http = ?http_addr,
+        cluster = %format!("{cluster_id:032x}"), "serving");
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -170,6 +191,7 @@ pub async fn run(
     drop(listener);
     let _ = stop_tx.send(true);
     let _ = ticker.await;
+    let _ = http.await;
     node.shutdown().await;
     Ok(())
 }

@@ -18,6 +18,8 @@ pub struct Node {
     pub config: PathBuf,
     pub client_config: PathBuf,
     pub addr: SocketAddr,
+    /// The plain-HTTP address (/health, /ready, /metrics).
+    pub http: SocketAddr,
     pub child: Option<Child>,
 }
 
@@ -59,12 +61,14 @@ impl Node {
             "certs", "issue", "--dir", d, "--client", "bob",
         ]));
         let addr = free_port();
+        let http = free_port();
         let config = dir.path().join("node1.toml");
         std::fs::write(
             &config,
             format!(
                 r#"node_id = 1
 listen = "{addr}"
+http = "{http}"
 data_dir = "data"
 admins = ["alice"]
 [tls]
@@ -85,6 +89,7 @@ timeout_ms_default = {session_timeout_ms}
             config,
             client_config,
             addr,
+            http,
             child: None,
         };
         n.spawn(true);
