@@ -659,11 +659,13 @@ async fn lock(
         nonce,
         low_water: l.low_water,
     };
+    let ttl_ms = l.ttl_ms;
     let granted = |token| {
         Some(reply::ok(
             id,
             OkReply {
                 token: Some(token),
+                expires_in_ms: (ttl_ms > 0).then_some(ttl_ms),
                 ..OkReply::default()
             },
         ))
