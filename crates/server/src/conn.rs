@@ -132,7 +132,12 @@ where
     });
     let in_flight = Arc::new(Semaphore::new(ctx.wire_limits.requests_in_flight_max));
     let mut session: Option<ClientId> = None;
+    // Request tasks of this connection: aborted when it closes, so a LOCK
+    // waiting for ever does not keep a dead connection's socket open (what
+    // it proposed stays proposed; a retry by nonce finds its outcome).
+    let mut tasks = tokio::task::JoinSet::new();
     loop {
+        while tasks.try_join_next().is_some() {}
         let next = tokio::select! {
             biased;
             _ = kill.notified() => break,
@@ -197,7 +202,7 @@ where
             client,
             identity: identity.clone(),
         };
-        tokio::spawn(async move {
+        tasks.spawn(async move {
             let resp = handle(&ctx, &conn, caller, req).await;
             if let Some(r) = resp {
                 conn.send(r);
@@ -205,6 +210,7 @@ where
             drop(permit);
         });
     }
+    tasks.abort_all();
     if let Some(client) = session {
         ctx.hub.detach(client, conn_id);
     }

@@ -119,6 +119,12 @@ pub async fn run(
     .await
     .map_err(|e| ServerError::Raft(e.to_string()))?;
     let node = Arc::new(node);
+    // Serve clients only once a leader is known (SPEC 5).
+    let leader = node
+        .wait_for_leader(Duration::from_secs(60))
+        .await
+        .map_err(|e| ServerError::Raft(format!("no leader elected: {e}")))?;
+    tracing::info!(leader, "leader known");
     let hub = Arc::new(Hub::default());
     tokio::spawn(hub.clone().run(feed));
     // A stall is a gap of more than two heartbeats in the timer loop.
