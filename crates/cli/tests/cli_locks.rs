@@ -222,3 +222,46 @@ fn http_health_ready_metrics() {
     assert!(metrics.contains("oclocks_sessions"), "{metrics}");
     assert!(http_get(node.http, "/nope").starts_with("HTTP/1.1 404"));
 }
+
+/// Two acquires of one lock through one `Client` (two tasks, default
+/// owners): the second waits and is granted when the first is released —
+/// each acquire is its own owner, not "the session".
+#[test]
+fn second_acquire_through_the_same_client_waits() {
+    let node = Node::start(10_000);
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        let cfg = oclocks_client::ClientConfig::from_file(&node.client_config).expect("config");
+        let client = oclocks_client::Client::connect(cfg).await.expect("connect");
+        let first = client
+            .lock("default", "x")
+            .try_once()
+            .acquire()
+            .await
+            .expect("first acquire");
+        let c2 = client.clone();
+        let second = tokio::spawn(async move {
+            c2.lock("default", "x")
+                .wait(Duration::from_secs(10))
+                .acquire()
+                .await
+        });
+        // The second is queued behind the first, not refused.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let q = client.query("default", "x").await.expect("query");
+            if q.waiters == 1 {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "second acquire never queued"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let t1 = first.token();
+        first.release().await.expect("release");
+        let g = second.await.expect("join").expect("second acquire granted");
+        assert!(g.token() > t1);
+    });
+}

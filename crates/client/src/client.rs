@@ -673,6 +673,16 @@ impl LockBuilder {
             });
         }
         let ttl_ms = ceil_millis(ttl);
+        // Each acquire is its own owner unless told otherwise: to the engine
+        // owner 0 is an ordinary id, so sending it for every acquire would
+        // make all tasks of one client one owner (a second acquire of a held
+        // lock would be "held by itself", and deadlock detection would merge
+        // unrelated acquires).
+        let owner = if owner == 0 {
+            client.new_owner_id()
+        } else {
+            owner
+        };
         let wait_ms = wait.map_or(WAIT_FOREVER, ceil_millis);
         let nonce = lock(&client.inner.shared.nonces).allocate();
         let mut cancel = CancelOnDrop {

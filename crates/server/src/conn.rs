@@ -213,6 +213,17 @@ where
     tasks.abort_all();
     if let Some(client) = session {
         ctx.hub.detach(client, conn_id);
+        // The session's timeout runs from the disconnect, not from the last
+        // keepalive: confirm it once more now (harmless after CLOSE: the
+        // keepalive finds no session).
+        let keepalive = ctx.keepalive.clone();
+        let caller = Caller {
+            client,
+            identity: identity.clone(),
+        };
+        tokio::spawn(async move {
+            let _ = keepalive.keepalive(caller).await;
+        });
     }
     drop(conn);
     drop(reader);
