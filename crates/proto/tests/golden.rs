@@ -209,26 +209,7 @@ fn string_width_is_the_narrowest_that_fits() {
 /// The LOCK request of PROTOCOL.md's example: a shared static lock with a
 /// TTL and a wait bound, signed by its owner key.
 fn lock_request() -> (Request, Vec<u8>) {
-    let req = Request {
-        id: 7,
-        body: RequestBody::Lock(Lock {
-            zone: "default".into(),
-            name: "acct:4587".into(),
-            mode: Mode::Shared,
-            kind: Kind::Static,
-            ttl_ms: 30_000,
-            wait_ms: 5_000,
-            lock_delay_ms: 0,
-            owner_id: 0,
-            nonce: 42,
-            low_water: 40,
-            owner_sig: Some(OwnerSig {
-                public_key: [0x11; 32],
-                signature: [0x22; 64],
-                counter: 1,
-            }),
-        }),
-    };
+    let req = common::example_lock_request();
     let bytes = [
         hex("3001 0000000000000007"),           // REQUEST_ID 7
         hex("8201 07 'default'"),               // ZONE

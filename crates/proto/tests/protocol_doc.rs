@@ -4,6 +4,8 @@
 //! directions, and every example block is compared with what the encoder and
 //! `signed_message` produce. Edit either side alone and this fails.
 
+mod common;
+
 use std::collections::BTreeSet;
 
 use bytes::BytesMut;
@@ -210,26 +212,7 @@ fn encode_response(r: &Response) -> Vec<u8> {
 #[test]
 fn examples_match() {
     let doc = doc();
-    let lock = Request {
-        id: 7,
-        body: RequestBody::Lock(Lock {
-            zone: "default".into(),
-            name: "acct:4587".into(),
-            mode: Mode::Shared,
-            kind: Kind::Static,
-            ttl_ms: 30_000,
-            wait_ms: 5_000,
-            lock_delay_ms: 0,
-            owner_id: 0,
-            nonce: 42,
-            low_water: 40,
-            owner_sig: Some(OwnerSig {
-                public_key: [0x11; 32],
-                signature: [0x22; 64],
-                counter: 1,
-            }),
-        }),
-    };
+    let lock = common::example_lock_request();
     let mut buf = BytesMut::new();
     lock.encode(&mut buf, &Limits::default()).unwrap();
     assert_eq!(example(&doc, "lock-request"), buf.to_vec(), "lock-request");

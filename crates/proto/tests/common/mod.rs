@@ -112,3 +112,29 @@ pub fn feed_requests(bytes: &[u8], chunks: &[usize], limits: &Limits) -> Outcome
 pub fn feed_responses(bytes: &[u8], chunks: &[usize], limits: &Limits) -> Outcome<Response> {
     feed(ResponseCodec::new(limits.clone()), bytes, chunks)
 }
+
+/// The LOCK request of PROTOCOL.md's example: a shared static lock with a
+/// TTL and a wait bound, signed by its owner key.
+pub fn example_lock_request() -> oclocks_proto::Request {
+    use oclocks_proto::{Kind, Lock, Mode, OwnerSig, Request, RequestBody};
+    Request {
+        id: 7,
+        body: RequestBody::Lock(Lock {
+            zone: "default".into(),
+            name: "acct:4587".into(),
+            mode: Mode::Shared,
+            kind: Kind::Static,
+            ttl_ms: 30_000,
+            wait_ms: 5_000,
+            lock_delay_ms: 0,
+            owner_id: 0,
+            nonce: 42,
+            low_water: 40,
+            owner_sig: Some(OwnerSig {
+                public_key: [0x11; 32],
+                signature: [0x22; 64],
+                counter: 1,
+            }),
+        }),
+    }
+}
