@@ -5,33 +5,18 @@
 //! Each is measured twice, once reported in bytes/s and once in items/s;
 //! requests/s is items/s divided by the items per request.
 
+#[path = "../tests/common/mod.rs"]
+mod common;
+
 use bytes::BytesMut;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use oclocks_proto::*;
 use std::hint::black_box;
 use tokio_util::codec::Decoder;
 
+/// The golden signed static LOCK, shared with the tests.
 fn signed_lock() -> Request {
-    Request {
-        id: 7,
-        body: RequestBody::Lock(Lock {
-            zone: "default".into(),
-            name: "acct:4587".into(),
-            mode: Mode::Shared,
-            kind: Kind::Static,
-            ttl_ms: 30_000,
-            wait_ms: 5_000,
-            lock_delay_ms: 0,
-            owner_id: 0,
-            nonce: 42,
-            low_water: 40,
-            owner_sig: Some(OwnerSig {
-                public_key: [0x11; 32],
-                signature: [0x22; 64],
-                counter: 1,
-            }),
-        }),
-    }
+    common::example_lock_request()
 }
 
 fn plain_lock(id: u64) -> Request {

@@ -266,23 +266,7 @@ fn lock_reply_golden() {
 /// A try-lock that failed: ERROR LOCKED with one HOLDER entry.
 #[test]
 fn locked_error_golden() {
-    let resp = Response {
-        id: 8,
-        body: ResponseBody::Error(ErrorReply {
-            code: ErrorCode::Locked,
-            message: "held".into(),
-            holders: vec![Holder {
-                identity: "svc-a".into(),
-                token: 1001,
-                mode: Mode::Exclusive,
-                kind: Kind::Connection,
-                held_ms: 1500,
-                expires_in_ms: None,
-            }],
-            leader_id: None,
-            servers: vec![],
-        }),
-    };
+    let resp = common::example_locked_error();
     let bytes = [
         hex("3001 0000000000000008"), // REQUEST_ID 8
         hex("1601 0001"),             // ERROR_CODE LOCKED

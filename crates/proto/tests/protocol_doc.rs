@@ -228,23 +228,7 @@ fn examples_match() {
     };
     assert_eq!(example(&doc, "lock-ok"), encode_response(&ok), "lock-ok");
 
-    let locked = Response {
-        id: 8,
-        body: ResponseBody::Error(ErrorReply {
-            code: ErrorCode::Locked,
-            message: "held".into(),
-            holders: vec![Holder {
-                identity: "svc-a".into(),
-                token: 1001,
-                mode: Mode::Exclusive,
-                kind: Kind::Connection,
-                held_ms: 1500,
-                expires_in_ms: None,
-            }],
-            leader_id: None,
-            servers: vec![],
-        }),
-    };
+    let locked = common::example_locked_error();
     assert_eq!(
         example(&doc, "locked-error"),
         encode_response(&locked),

@@ -138,3 +138,25 @@ pub fn example_lock_request() -> oclocks_proto::Request {
         }),
     }
 }
+
+/// The ERROR LOCKED reply of PROTOCOL.md's example (one HOLDER entry).
+pub fn example_locked_error() -> oclocks_proto::Response {
+    use oclocks_proto::{ErrorCode, ErrorReply, Holder, Kind, Mode, Response, ResponseBody};
+    Response {
+        id: 8,
+        body: ResponseBody::Error(ErrorReply {
+            code: ErrorCode::Locked,
+            message: "held".into(),
+            holders: vec![Holder {
+                identity: "svc-a".into(),
+                token: 1001,
+                mode: Mode::Exclusive,
+                kind: Kind::Connection,
+                held_ms: 1500,
+                expires_in_ms: None,
+            }],
+            leader_id: None,
+            servers: vec![],
+        }),
+    }
+}
