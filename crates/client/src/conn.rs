@@ -350,6 +350,7 @@ fn request_name(body: &RequestBody) -> &'static str {
         RequestBody::Watch(_) => "WATCH",
         RequestBody::Unwatch(_) => "UNWATCH",
         RequestBody::Status => "STATUS",
+        RequestBody::RemoveServer { .. } => "REMOVE_SERVER",
     }
 }
 

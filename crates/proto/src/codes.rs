@@ -207,6 +207,8 @@ codes! {
         LAG = 0x3506;
         /// Action: report this server's and the cluster's status.
         STATUS = 0x7501;
+        /// Action: remove a server from the cluster (administrators).
+        REMOVE_SERVER = 0x7502;
         /// str: a server's client address (`host:port`).
         ADDRESS = 0x8501;
         /// str: a site label.

@@ -476,6 +476,9 @@ fn build_request(action: u16, fields: &mut Fields) -> Result<Request, DecodeErro
         lock::WATCH => RequestBody::Watch(t.lock_ref()?),
         lock::UNWATCH => RequestBody::Unwatch(t.lock_ref()?),
         cluster::STATUS => RequestBody::Status,
+        cluster::REMOVE_SERVER => RequestBody::RemoveServer {
+            node_id: t.u64(cluster::NODE_ID)?,
+        },
         _ => {
             return Err(DecodeError::UnexpectedAction {
                 action: codes::name(action),

@@ -250,6 +250,7 @@ pub(crate) fn request_action(body: &RequestBody) -> u16 {
         RequestBody::Watch(_) => lock::WATCH,
         RequestBody::Unwatch(_) => lock::UNWATCH,
         RequestBody::Status => cluster::STATUS,
+        RequestBody::RemoveServer { .. } => cluster::REMOVE_SERVER,
     }
 }
 
@@ -293,6 +294,7 @@ impl Encode for Request {
                 w.sig(&l.owner_sig);
             }
             RequestBody::Cancel { nonce } => w.u64(lock::NONCE, *nonce),
+            RequestBody::RemoveServer { node_id } => w.u64(cluster::NODE_ID, *node_id),
             RequestBody::Release(r) => {
                 w.str(lock::ZONE, &r.zone)?;
                 w.str(lock::NAME, &r.name)?;

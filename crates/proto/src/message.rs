@@ -73,7 +73,10 @@ pub enum RequestBody {
     /// UNWATCH: stop the WATCH_EVENTs of this lock.
     Unwatch(LockRef),
     /// STATUS: this server's and the cluster's state. Answered by STATUS_OK.
+    /// The one request allowed before HELLO (clients probe servers with it).
     Status,
+    /// REMOVE_SERVER: take a server out of the cluster (administrators).
+    RemoveServer { node_id: u64 },
 }
 
 /// HELLO's fields.

@@ -107,6 +107,8 @@ pub enum Role {
     Leader = 2,
     /// A non-voting member.
     Learner = 3,
+    /// A voter that never campaigns to lead and serves no clients.
+    QuorumOnly = 4,
 }
 
 impl Role {
@@ -122,6 +124,7 @@ impl Role {
             1 => Some(Role::Candidate),
             2 => Some(Role::Leader),
             3 => Some(Role::Learner),
+            4 => Some(Role::QuorumOnly),
             _ => None,
         }
     }
@@ -344,7 +347,7 @@ mod tests {
                 LostReason::from_u8(v).map(LostReason::to_u8),
                 (1..=3).contains(&v).then_some(v)
             );
-            assert_eq!(Role::from_u8(v).map(Role::to_u8), (v < 4).then_some(v));
+            assert_eq!(Role::from_u8(v).map(Role::to_u8), (v < 5).then_some(v));
         }
     }
 }

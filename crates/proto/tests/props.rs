@@ -38,7 +38,8 @@ fn role() -> impl Strategy<Value = Role> {
         Just(Role::Follower),
         Just(Role::Candidate),
         Just(Role::Leader),
-        Just(Role::Learner)
+        Just(Role::Learner),
+        Just(Role::QuorumOnly)
     ]
 }
 
@@ -104,6 +105,7 @@ fn request_body() -> impl Strategy<Value = RequestBody> {
                 }
             ),
         num().prop_map(|nonce| RequestBody::Cancel { nonce }),
+        num().prop_map(|node_id| RequestBody::RemoveServer { node_id }),
         (zone(), name(), num(), sig()).prop_map(|(zone, name, token, owner_sig)| {
             RequestBody::Release(Release {
                 zone,

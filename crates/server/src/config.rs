@@ -14,6 +14,8 @@ use oclocks_core::EngineLimits;
 use oclocks_proto::Limits;
 use serde::Deserialize;
 
+use crate::raft::MemberRole;
+
 /// A configuration that could not be used; the message names the field.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -129,12 +131,20 @@ impl Default for RaftConfig {
 pub struct ServerConfig {
     /// This node's id in the cluster (> 0, unique, never reused).
     pub node_id: u64,
-    /// TLS address for clients (and, with the next milestone, peers).
+    /// TLS address for clients and peers (ALPN tells them apart).
     pub listen: SocketAddr,
-    /// Address clients and peers should use to reach this node; defaults to
-    /// `listen`.
+    /// Address peers (and clients, unless `advertise_client` is set) should
+    /// use to reach this node; defaults to `listen`.
     #[serde(default)]
     pub advertise: Option<String>,
+    /// Address to give clients (in HELLO_OK's server list) when it differs
+    /// from `advertise`, e.g. behind a client-side proxy.
+    #[serde(default)]
+    pub advertise_client: Option<String>,
+    /// `voter` (default), `learner` (replicates and serves clients, does not
+    /// vote) or `quorum-only` (votes, never leads, serves no clients).
+    #[serde(default)]
+    pub role: MemberRole,
     /// Plain-HTTP address of /health, /ready and /metrics (keep it on
     /// loopback or a private network).
     #[serde(default = "default_http")]
@@ -145,7 +155,8 @@ pub struct ServerConfig {
     /// Raft log, snapshots and the cluster id live here.
     pub data_dir: PathBuf,
     pub tls: TlsFiles,
-    /// Other servers (or a load balancer); empty for a single-node cluster.
+    /// Servers of the cluster to join through (or a load balancer in front
+    /// of them), `host:port`; empty for the first node (`--bootstrap`).
     #[serde(default)]
     pub peers: Vec<String>,
     /// Identities (certificate CN or URI SAN) allowed to BREAK locks.
@@ -220,6 +231,11 @@ impl ServerConfig {
         }
         if self.data_dir.as_os_str().is_empty() {
             return Err(invalid("data_dir", "must not be empty"));
+        }
+        for p in &self.peers {
+            if p.is_empty() || p.len() > 255 || !p.contains(':') {
+                return Err(invalid("peers", "each entry must be host:port"));
+            }
         }
         let s = &self.session;
         if s.timeout_ms_min == 0 {
@@ -323,11 +339,18 @@ impl ServerConfig {
         }
     }
 
-    /// The address to advertise to clients.
+    /// The address to advertise to peers.
     pub fn advertise_addr(&self) -> String {
         self.advertise
             .clone()
             .unwrap_or_else(|| self.listen.to_string())
+    }
+
+    /// The address to advertise to clients.
+    pub fn client_addr(&self) -> String {
+        self.advertise_client
+            .clone()
+            .unwrap_or_else(|| self.advertise_addr())
     }
 }
 

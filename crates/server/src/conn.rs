@@ -19,8 +19,8 @@ use futures::{SinkExt, StreamExt};
 use oclocks_core::{Caller, ClientId, KeyProof, LockRequest, Op, Reply};
 use oclocks_proto::{
     signed_message, CodecError, ErrorCode, HeldLock, HelloOk, Limits, LockInfo, Lost, OkReply,
-    OwnerSig, PendingWait, Request, RequestBody, RequestCodec, Response, ResponseBody, Role,
-    ServerInfo, SigOp, StatusOk, PROTOCOL_VERSION,
+    OwnerSig, PendingWait, Request, RequestBody, RequestCodec, Response, ResponseBody, Role, SigOp,
+    StatusOk, PROTOCOL_VERSION,
 };
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
@@ -28,6 +28,7 @@ use tokio::sync::{mpsc, Notify, Semaphore};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::codec::{FramedRead, FramedWrite};
 
+use crate::cluster::Cluster;
 use crate::driver::KeepaliveBatcher;
 use crate::hub::{ConnHandle, Hub, WaitEnd};
 use crate::proposer::{ProposeError, Proposer};
@@ -42,12 +43,11 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct Ctx {
     pub node: Arc<RaftNode>,
     pub proposer: Arc<Proposer>,
+    pub cluster: Arc<Cluster>,
     pub hub: Arc<Hub>,
     pub keepalive: KeepaliveBatcher,
-    pub cluster_id: u128,
     pub node_id: u64,
     pub site: String,
-    pub advertise: String,
     pub wire_limits: Limits,
     pub outbound_queue_max: usize,
     pub admins: Vec<String>,
@@ -73,31 +73,44 @@ pub async fn accept(ctx: Arc<Ctx>, tcp: TcpStream) {
         }
     };
     let (_, session) = tls.get_ref();
-    if session.alpn_protocol() != Some(oclocks_proto::ALPN_CLIENT) {
-        tracing::info!(?peer, "connection without the client ALPN protocol: closed");
-        return;
-    }
-    let identity = match session
+    let alpn = session.alpn_protocol().map(<[u8]>::to_vec);
+    let Some(cert) = session
         .peer_certificates()
         .and_then(|c| c.first())
         .and_then(identity_of)
-    {
-        Some(id) => id.name,
-        None => {
-            tracing::info!(?peer, "client certificate names no identity: closed");
+    else {
+        tracing::info!(?peer, "certificate names no identity: closed");
+        return;
+    };
+    if alpn.as_deref() == Some(oclocks_proto::ALPN_PEER) {
+        if !cert.server_role {
+            ctx.metrics.tls_refused.inc();
+            tracing::warn!(?peer, identity = %cert.name,
+                "peer protocol refused: the certificate lacks the server role");
             return;
         }
-    };
+        let addr = peer.map_or_else(|| "?".to_string(), |p| p.to_string());
+        crate::peer::serve(tls, ctx.cluster.clone(), addr).await;
+        return;
+    }
+    if alpn.as_deref() != Some(oclocks_proto::ALPN_CLIENT) {
+        tracing::info!(?peer, "connection without a known ALPN protocol: closed");
+        return;
+    }
+    // A server certificate may connect as a client but never has an
+    // administrator's rights.
+    let admin = !cert.server_role && ctx.admins.contains(&cert.name);
+    let identity = cert.name;
     let id = ctx.next_conn_id.fetch_add(1, Ordering::Relaxed);
     tracing::debug!(conn = id, ?peer, %identity, "client connected");
     ctx.metrics.connections.inc();
     let metrics = ctx.metrics.clone();
-    serve(ctx, tls, identity, id).await;
+    serve(ctx, tls, identity, admin, id).await;
     metrics.connections.dec();
 }
 
 /// Serve one authenticated connection until it closes.
-async fn serve<S>(ctx: Arc<Ctx>, stream: S, identity: String, conn_id: u64)
+async fn serve<S>(ctx: Arc<Ctx>, stream: S, identity: String, admin: bool, conn_id: u64)
 where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
@@ -180,6 +193,11 @@ where
             }
             continue;
         }
+        if session.is_none() && matches!(req.body, RequestBody::Status) {
+            // The one request allowed before HELLO: clients probe with it.
+            conn.send(status(&ctx, id));
+            continue;
+        }
         let Some(client) = session else {
             conn.send(reply::error(
                 id,
@@ -203,7 +221,7 @@ where
             identity: identity.clone(),
         };
         tasks.spawn(async move {
-            let resp = handle(&ctx, &conn, caller, req).await;
+            let resp = handle(&ctx, &conn, caller, admin, req).await;
             if let Some(r) = resp {
                 conn.send(r);
             }
@@ -256,6 +274,22 @@ async fn hello(
     client: ClientId,
     h: &oclocks_proto::Hello,
 ) -> Option<ClientId> {
+    if !ctx.cluster.role().serves_clients() {
+        conn.send(unavailable(
+            ctx,
+            id,
+            "this server is quorum-only and serves no clients: use one of the listed servers",
+        ));
+        return None;
+    }
+    let Some(cluster_id) = ctx.cluster.identity.cluster_id() else {
+        conn.send(unavailable(
+            ctx,
+            id,
+            "this server has not joined a cluster yet",
+        ));
+        return None;
+    };
     let caller = Caller {
         client,
         identity: identity.to_string(),
@@ -277,7 +311,7 @@ async fn hello(
                 id,
                 body: ResponseBody::HelloOk(HelloOk {
                     protocol_version: h.protocol_version.min(PROTOCOL_VERSION),
-                    cluster_id: ctx.cluster_id,
+                    cluster_id,
                     resumed,
                     session_timeout_ms: timeout_ms,
                     node_id: ctx.node_id,
@@ -301,7 +335,7 @@ async fn hello(
                             nonce: w.nonce,
                         })
                         .collect(),
-                    servers: vec![self_info(ctx)],
+                    servers: ctx.cluster.serving_servers(),
                 }),
             });
             for l in lost {
@@ -336,15 +370,17 @@ async fn hello(
     }
 }
 
-fn self_info(ctx: &Ctx) -> ServerInfo {
-    ServerInfo {
-        node_id: ctx.node_id,
-        address: ctx.advertise.clone(),
-        site: ctx.site.clone(),
-        serving: true,
-        role: None,
-        config_version: None,
-        lag: None,
+/// `ERROR UNAVAILABLE` with the servers that do serve clients.
+fn unavailable(ctx: &Ctx, id: u64, message: &str) -> Response {
+    Response {
+        id,
+        body: ResponseBody::Error(oclocks_proto::ErrorReply {
+            code: ErrorCode::Unavailable,
+            message: message.into(),
+            holders: Vec::new(),
+            leader_id: ctx.node.current_leader(),
+            servers: ctx.cluster.serving_servers(),
+        }),
     }
 }
 
@@ -358,8 +394,11 @@ fn verify(
     value: u64,
     ttl_ms: u64,
 ) -> bool {
+    let Some(cluster_id) = ctx.cluster.identity.cluster_id() else {
+        return false;
+    };
     let msg = signed_message(
-        &ctx.cluster_id.to_be_bytes(),
+        &cluster_id.to_be_bytes(),
         op,
         zone,
         name,
@@ -394,6 +433,7 @@ async fn handle(
     ctx: &Arc<Ctx>,
     conn: &ConnHandle,
     caller: Caller,
+    admin: bool,
     req: Request,
 ) -> Option<Response> {
     let id = req.id;
@@ -492,10 +532,7 @@ async fn handle(
         }
         RequestBody::Query(l) => {
             let (zone, name) = (l.zone, l.name);
-            let info = ctx
-                .node
-                .linearizable_read(move |e| e.query(&zone, &name))
-                .await;
+            let info = ctx.proposer.read(move |e| e.query(&zone, &name)).await;
             Some(match info {
                 Ok(info) => {
                     let (holders, waiters) = info
@@ -510,14 +547,14 @@ async fn handle(
                         },
                     )
                 }
-                Err(e) => reply::error(id, ErrorCode::Unavailable, e.to_string()),
+                Err(e) => propose_error(id, e),
             })
         }
         RequestBody::CheckToken(c) => {
             let (zone, name, token) = (c.zone, c.name, c.token);
             let r = ctx
-                .node
-                .linearizable_read(move |e| e.check_token(&zone, &name, token))
+                .proposer
+                .read(move |e| e.check_token(&zone, &name, token))
                 .await;
             Some(match r {
                 Ok(current) => reply::ok(
@@ -527,14 +564,14 @@ async fn handle(
                         ..OkReply::default()
                     },
                 ),
-                Err(e) => reply::error(id, ErrorCode::Unavailable, e.to_string()),
+                Err(e) => propose_error(id, e),
             })
         }
         RequestBody::List(l) => {
             let page = usize::try_from(l.page_size).unwrap_or(usize::MAX);
             let r = ctx
-                .node
-                .linearizable_read(move |e| e.list(&l.zone, l.start_after.as_deref(), page))
+                .proposer
+                .read(move |e| e.list(&l.zone, l.start_after.as_deref(), page))
                 .await;
             Some(match r {
                 Ok((locks, next)) => reply::ok(
@@ -556,15 +593,15 @@ async fn handle(
                         ..OkReply::default()
                     },
                 ),
-                Err(e) => reply::error(id, ErrorCode::Unavailable, e.to_string()),
+                Err(e) => propose_error(id, e),
             })
         }
         RequestBody::Break(b) => {
-            if !ctx.admins.contains(&caller.identity) {
+            if !admin {
                 return Some(reply::error(
                     id,
                     ErrorCode::Forbidden,
-                    "BREAK needs an identity listed in the server's `admins`",
+                    "BREAK needs a client certificate whose identity is listed in the server's `admins`",
                 ));
             }
             tracing::warn!(identity = %caller.identity, zone = %b.zone, name = %b.name,
@@ -616,6 +653,23 @@ async fn handle(
             simple(res, &|_| Some(reply::done(id)))
         }
         RequestBody::Status => Some(status(ctx, id)),
+        RequestBody::RemoveServer { node_id } => {
+            if !admin {
+                return Some(reply::error(
+                    id,
+                    ErrorCode::Forbidden,
+                    "REMOVE_SERVER needs a client certificate whose identity is listed in the server's `admins`",
+                ));
+            }
+            tracing::warn!(identity = %caller.identity, node = node_id, "audit: REMOVE_SERVER");
+            Some(match ctx.cluster.remove(node_id).await {
+                Ok(()) => reply::done(id),
+                Err(crate::peer::ForwardError::Refused(m)) => {
+                    reply::error(id, ErrorCode::Invalid, m)
+                }
+                Err(e) => propose_error(id, e.into()),
+            })
+        }
     }
 }
 
@@ -623,6 +677,8 @@ fn status(ctx: &Ctx, id: u64) -> Response {
     let m = ctx.node.raft().metrics().borrow().clone();
     let role = if m.state.is_leader() {
         Role::Leader
+    } else if ctx.cluster.role() == crate::raft::MemberRole::QuorumOnly {
+        Role::QuorumOnly
     } else if m.state.is_candidate() {
         Role::Candidate
     } else if m.state.is_learner() {
@@ -640,7 +696,7 @@ fn status(ctx: &Ctx, id: u64) -> Response {
             leader_id: m.current_leader,
             config_version: 0,
             applied_index: m.last_applied.map_or(0, |l| l.index),
-            servers: vec![self_info(ctx)],
+            servers: ctx.cluster.status_servers(),
         }),
     }
 }

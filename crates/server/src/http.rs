@@ -55,10 +55,11 @@ fn json_escape(s: &str) -> String {
 }
 
 impl HttpState {
-    /// Whether this node serves clients: it sees a leader and, for this
-    /// single-node milestone, is that leader.
+    /// Whether this node is a member of a cluster that has a leader it
+    /// knows of (a quorum-only member is ready too, though it serves no
+    /// clients).
     fn ready(&self) -> bool {
-        self.node.leader_term().is_some()
+        self.node.current_leader().is_some() && self.node.member(self.node_id).is_some()
     }
 
     fn ready_json(&self) -> String {

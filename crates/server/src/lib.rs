@@ -14,13 +14,26 @@
 //! `oclocks-core`); openraft's types stay in [`raft`] and [`proposer`]; no
 //! request is acknowledged before the command behind it is committed.
 
+mod cluster;
 pub mod config;
 mod conn;
 mod driver;
 pub mod http;
 mod hub;
+pub mod identity;
+pub mod peer;
 mod proposer;
 pub mod raft;
 mod reply;
 pub mod server;
 pub mod tls;
+
+/// The host part of `host:port` (`[v6]:port` gives `v6`).
+pub(crate) fn split_host(addr: &str) -> Option<&str> {
+    if let Some(rest) = addr.strip_prefix('[') {
+        return rest.split_once(']').map(|(h, _)| h);
+    }
+    addr.rsplit_once(':')
+        .map(|(h, _)| h)
+        .filter(|h| !h.is_empty())
+}

@@ -1,5 +1,10 @@
 //! Stamping and proposing commands: the one place where the leader's clock
-//! and term enter the replicated log.
+//! and term enter the replicated log — and, on any other server, the way to
+//! the leader: operations are forwarded to it over the peer protocol,
+//! stamped and committed there, and answered here only once this server has
+//! applied the entry too (so a client's next read here sees its write, and
+//! the effects of that entry have been delivered). Linearizable reads on a
+//! follower ask the leader for a read index and wait until it is applied.
 //!
 //! Every command is stamped with the term and this process's monotonic clock
 //! (milliseconds since start) and handed to Raft *in stamp order* (under one
@@ -14,11 +19,23 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use oclocks_core::{Command, Op, Reply};
+use oclocks_core::{Command, Engine, Op, Reply};
 
-use crate::raft::RaftNode;
+use crate::peer::{ForwardError, PeerCallError, PeerNet, PeerRequest, PeerResponse};
+use crate::raft::{Applied, NodeId, RaftNode};
+
+/// A forwarded operation or read-index request, at most (the leader
+/// answers once the entry is committed; a wait for a lock is not part of
+/// it — LOCK answers QUEUED at once).
+pub const FORWARD_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a follower waits to apply an entry the leader has committed.
+const APPLY_WAIT: Duration = Duration::from_secs(5);
+/// Attempts to reach a leader while leadership changes.
+const LEADER_ATTEMPTS: usize = 4;
+/// Pause between those attempts.
+const LEADER_RETRY: Duration = Duration::from_millis(150);
 
 /// Why a proposal did not produce a reply.
 #[derive(Debug, thiserror::Error)]
@@ -27,9 +44,28 @@ pub enum ProposeError {
     /// starting); `leader` if known.
     #[error("not the leader")]
     NotLeader { leader: Option<u64> },
-    /// Raft stopped or storage failed; the command may or may not commit.
+    /// Raft stopped or storage failed, or the leader could not be reached
+    /// or did not answer; the command may or may not commit.
     #[error("raft unavailable: {0}")]
     Unavailable(String),
+}
+
+impl From<ForwardError> for ProposeError {
+    fn from(e: ForwardError) -> ProposeError {
+        match e {
+            ForwardError::NotLeader { leader } => ProposeError::NotLeader { leader },
+            ForwardError::Unavailable(m) | ForwardError::Refused(m) => ProposeError::Unavailable(m),
+        }
+    }
+}
+
+impl From<ProposeError> for ForwardError {
+    fn from(e: ProposeError) -> ForwardError {
+        match e {
+            ProposeError::NotLeader { leader } => ForwardError::NotLeader { leader },
+            ProposeError::Unavailable(m) => ForwardError::Unavailable(m),
+        }
+    }
 }
 
 /// The leader's monotonic clock, shared by the proposer and the driver.
@@ -72,10 +108,15 @@ impl Clock {
     }
 }
 
-/// Proposes commands to Raft in stamp order.
+/// Proposes commands to Raft in stamp order (on the leader), or forwards
+/// them to the leader (elsewhere).
 pub struct Proposer {
     node: Arc<RaftNode>,
+    net: Arc<PeerNet>,
     clock: Arc<Clock>,
+    /// The leader stamps nothing while it has not heard from a quorum for
+    /// longer than this, and re-bases first once it has again.
+    quorum_bound: Duration,
     /// Held while stamping and submitting, so that log order = stamp order.
     submit: tokio::sync::Mutex<SubmitState>,
 }
@@ -85,10 +126,17 @@ struct SubmitState {
 }
 
 impl Proposer {
-    pub fn new(node: Arc<RaftNode>, clock: Arc<Clock>) -> Proposer {
+    pub fn new(
+        node: Arc<RaftNode>,
+        net: Arc<PeerNet>,
+        clock: Arc<Clock>,
+        quorum_bound: Duration,
+    ) -> Proposer {
         Proposer {
             node,
+            net,
             clock,
+            quorum_bound,
             submit: tokio::sync::Mutex::new(SubmitState {
                 rebase_pending: false,
             }),
@@ -100,8 +148,137 @@ impl Proposer {
         self.submit.lock().await.rebase_pending = true;
     }
 
-    /// Stamp `op`, submit it, and wait for its reply once applied.
+    /// Commit `op` through the leader (this node or another) and return its
+    /// reply once it is applied on this node.
     pub async fn propose(&self, op: Op) -> Result<Reply, ProposeError> {
+        let mut last = ProposeError::NotLeader { leader: None };
+        for attempt in 0..LEADER_ATTEMPTS {
+            if attempt > 0 {
+                tokio::time::sleep(LEADER_RETRY).await;
+            }
+            let r = match self.node.leader_term() {
+                Some(_) => self.propose_here(op.clone()).await.map(|a| a.reply),
+                None => self.forward(op.clone()).await,
+            };
+            match r {
+                // Not accepted anywhere (no leader, or it stepped down
+                // before appending): safe to try again.
+                Err(e @ ProposeError::NotLeader { .. }) => last = e,
+                other => return other,
+            }
+        }
+        Err(last)
+    }
+
+    /// Forward `op` to the leader this node knows of.
+    async fn forward(&self, op: Op) -> Result<Reply, ProposeError> {
+        let (leader, member) = self.leader()?;
+        let resp = self
+            .net
+            .call(
+                &member.addr,
+                Some(leader),
+                Some(member.incarnation),
+                PeerRequest::Forward(op),
+                FORWARD_TIMEOUT,
+            )
+            .await
+            .map_err(unreachable)?;
+        match resp {
+            PeerResponse::Forwarded(Ok(applied)) => {
+                self.node
+                    .wait_applied(applied.index, APPLY_WAIT)
+                    .await
+                    .map_err(|e| ProposeError::Unavailable(e.to_string()))?;
+                Ok(applied.reply)
+            }
+            PeerResponse::Forwarded(Err(e)) => Err(e.into()),
+            other => Err(ProposeError::Unavailable(format!(
+                "leader answered {} to a forwarded command",
+                other.kind()
+            ))),
+        }
+    }
+
+    /// The leader this node knows of, other than itself, and its record.
+    fn leader(&self) -> Result<(NodeId, crate::raft::Member), ProposeError> {
+        let leader = self.node.current_leader();
+        match leader {
+            Some(l) if l != self.node.node_id() => match self.node.member(l) {
+                Some(m) => Ok((l, m)),
+                None => Err(ProposeError::NotLeader { leader: None }),
+            },
+            _ => Err(ProposeError::NotLeader { leader: None }),
+        }
+    }
+
+    /// Run `f` on the engine linearizably: on the leader after a quorum
+    /// round (read-index); elsewhere after asking the leader for its read
+    /// index and applying up to it.
+    pub async fn read<F, T>(&self, f: F) -> Result<T, ProposeError>
+    where
+        F: FnOnce(&Engine) -> T,
+    {
+        if self.node.is_leader() {
+            return self
+                .node
+                .linearizable_read(f)
+                .await
+                .map_err(|e| ProposeError::Unavailable(e.to_string()));
+        }
+        let (leader, member) = self.leader()?;
+        let resp = self
+            .net
+            .call(
+                &member.addr,
+                Some(leader),
+                Some(member.incarnation),
+                PeerRequest::ReadIndex,
+                FORWARD_TIMEOUT,
+            )
+            .await
+            .map_err(unreachable)?;
+        let index = match resp {
+            PeerResponse::ReadIndex(Ok(i)) => i,
+            PeerResponse::ReadIndex(Err(e)) => return Err(e.into()),
+            other => {
+                return Err(ProposeError::Unavailable(format!(
+                    "leader answered {} to a read-index request",
+                    other.kind()
+                )))
+            }
+        };
+        self.node
+            .wait_applied(index, APPLY_WAIT)
+            .await
+            .map_err(|e| ProposeError::Unavailable(e.to_string()))?;
+        let engine = self.node.engine();
+        let e = engine
+            .lock()
+            .map_err(|_| ProposeError::Unavailable("the engine's mutex is poisoned".into()))?;
+        Ok(f(&e))
+    }
+
+    /// The leader's side of a read-index request from a follower.
+    pub async fn read_index(&self) -> Result<u64, ForwardError> {
+        if !self.node.is_leader() {
+            return Err(ForwardError::NotLeader {
+                leader: self.node.current_leader(),
+            });
+        }
+        let (read, _applied) = self
+            .node
+            .raft()
+            .get_read_log_id()
+            .await
+            .map_err(|e| ForwardError::Unavailable(e.to_string()))?;
+        Ok(read.map_or(0, |l| l.index))
+    }
+
+    /// Stamp `op`, submit it here (this node must lead), and wait for its
+    /// reply once applied. Used for this node's own clients and for
+    /// operations forwarded by followers; never forwards further.
+    pub async fn propose_here(&self, op: Op) -> Result<Applied, ProposeError> {
         let term = match self.node.leader_term() {
             Some(t) => t,
             None => {
@@ -112,6 +289,18 @@ impl Proposer {
         };
         let pending = {
             let mut st = self.submit.lock().await;
+            // Unbroken quorum contact: time during which this leader could
+            // not reach a quorum must not count against sessions (their
+            // keepalives could not commit either). Stamp nothing meanwhile;
+            // the first command afterwards is a Rebase.
+            let age = self.net.quorum_contact_age(&self.node.voter_ids());
+            if age.is_none_or(|a| a > self.quorum_bound) {
+                st.rebase_pending = true;
+                return Err(ProposeError::Unavailable(format!(
+                    "the leader has not heard from a quorum for over {:?}",
+                    self.quorum_bound
+                )));
+            }
             if st.rebase_pending || self.clock.stalled() {
                 st.rebase_pending = false;
                 // Refresh the beat so only one Rebase follows one stall.
@@ -131,8 +320,12 @@ impl Proposer {
             };
             self.node.submit(cmd).await.map_err(conv)?
         };
-        self.node.wait_reply(pending).await.map_err(conv)
+        pending.await.map_err(conv)
     }
+}
+
+fn unreachable(e: PeerCallError) -> ProposeError {
+    ProposeError::Unavailable(format!("cannot reach the leader: {e}"))
 }
 
 fn conv(e: crate::raft::ProposeError) -> ProposeError {

@@ -3,7 +3,6 @@
 //! future resolves, then stops accepting, stops the drivers and Raft.
 
 use std::future::Future;
-use std::path::Path;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,12 +10,15 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
+use crate::cluster::Cluster;
 use crate::config::ServerConfig;
 use crate::conn::{self, Ctx};
 use crate::driver::{tick_loop, KeepaliveBatcher};
 use crate::hub::Hub;
+use crate::identity::DataIdentity;
+use crate::peer::{PeerNet, PeerNetOptions};
 use crate::proposer::{Clock, Proposer};
-use crate::raft::{NodeOptions, RaftNode, RaftOptions};
+use crate::raft::{Member, MemberRole, NodeOptions, RaftNode, RaftOptions};
 
 /// The server could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -25,6 +27,8 @@ pub enum ServerError {
     Tls(#[from] crate::tls::TlsError),
     #[error("data directory {path}: {reason}")]
     DataDir { path: String, reason: String },
+    #[error(transparent)]
+    Identity(#[from] crate::identity::IdentityError),
     #[error("cannot listen on {addr}: {source}")]
     Listen {
         addr: String,
@@ -32,42 +36,8 @@ pub enum ServerError {
     },
     #[error("raft: {0}")]
     Raft(String),
-}
-
-const CLUSTER_ID_FILE: &str = "cluster-id";
-
-/// Read the cluster id of this data dir, creating it when bootstrapping.
-fn cluster_id(dir: &Path, bootstrap: bool) -> Result<u128, ServerError> {
-    let path = dir.join(CLUSTER_ID_FILE);
-    let err = |reason: String| ServerError::DataDir {
-        path: path.display().to_string(),
-        reason,
-    };
-    match std::fs::read_to_string(&path) {
-        Ok(text) => u128::from_str_radix(text.trim(), 16)
-            .map_err(|e| err(format!("corrupt cluster id: {e}"))),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            if !bootstrap {
-                return Err(err(
-                    "no cluster here yet: start the first node with --bootstrap \
-                     (joining an existing cluster arrives with multi-node support)"
-                        .into(),
-                ));
-            }
-            let id: u128 = rand::random();
-            let tmp = dir.join(format!("{CLUSTER_ID_FILE}.tmp"));
-            std::fs::write(&tmp, format!("{id:032x}\n")).map_err(|e| err(e.to_string()))?;
-            std::fs::File::open(&tmp)
-                .and_then(|f| f.sync_all())
-                .map_err(|e| err(e.to_string()))?;
-            std::fs::rename(&tmp, &path).map_err(|e| err(e.to_string()))?;
-            std::fs::File::open(dir)
-                .and_then(|f| f.sync_all())
-                .map_err(|e| err(e.to_string()))?;
-            Ok(id)
-        }
-        Err(e) => Err(err(e.to_string())),
-    }
+    #[error("cannot join the cluster: {0}")]
+    Join(String),
 }
 
 /// Run a server until `shutdown` resolves.
@@ -84,8 +54,9 @@ pub async fn run(
         &cfg.tls.ca,
         &cfg.tls.cert,
         &cfg.tls.key,
-        &[oclocks_proto::ALPN_CLIENT],
+        &[oclocks_proto::ALPN_CLIENT, oclocks_proto::ALPN_PEER],
     )?;
+    let peer_tls = crate::tls::peer_client_config(&cfg.tls.ca, &cfg.tls.cert, &cfg.tls.key)?;
     let listener = TcpListener::bind(cfg.listen)
         .await
         .map_err(|source| ServerError::Listen {
@@ -99,37 +70,74 @@ pub async fn run(
                 addr: cfg.http.to_string(),
                 source,
             })?;
-    let cluster_id = cluster_id(&cfg.data_dir, bootstrap)?;
+    let identity = DataIdentity::open(&cfg.data_dir)?;
+    let raft_fresh = !cfg.data_dir.join(crate::raft::LOG_FILE).exists();
+    if identity.cluster_id().is_none() {
+        if bootstrap && raft_fresh {
+            identity.set_cluster_id(rand::random::<u128>().max(1))?;
+        } else if cfg.peers.is_empty() {
+            return Err(ServerError::DataDir {
+                path: cfg.data_dir.display().to_string(),
+                reason: "no cluster here yet: start the first node with --bootstrap, \
+                         or list the servers to join in `peers`"
+                    .into(),
+            });
+        }
+    }
+    let member = Member {
+        addr: cfg.advertise_addr(),
+        client_addr: cfg.client_addr(),
+        site: cfg.site.clone(),
+        incarnation: identity.incarnation(),
+        role: cfg.role,
+    };
     let heartbeat = Duration::from_millis(cfg.raft.heartbeat_ms);
     let options = RaftOptions {
         heartbeat_interval_ms: cfg.raft.heartbeat_ms,
         election_timeout_min_ms: cfg.raft.election_timeout_ms_min,
         election_timeout_max_ms: cfg.raft.election_timeout_ms_max,
         snapshot_every_entries: cfg.raft.snapshot_every_entries,
+        elect: cfg.role != MemberRole::QuorumOnly,
         ..RaftOptions::default()
     };
-    let (node, feed) = RaftNode::start(NodeOptions {
-        node_id: cfg.node_id,
-        data_dir: cfg.data_dir.clone(),
-        limits: cfg.engine_limits(),
-        options,
-        bootstrap,
-        advertise_addr: cfg.advertise_addr(),
-    })
+    let net = Arc::new(PeerNet::new(
+        cfg.node_id,
+        identity.clone(),
+        peer_tls,
+        PeerNetOptions::default(),
+    ));
+    let (node, feed) = RaftNode::start_with_transport(
+        NodeOptions {
+            node_id: cfg.node_id,
+            data_dir: cfg.data_dir.clone(),
+            limits: cfg.engine_limits(),
+            options,
+            bootstrap,
+            member: member.clone(),
+        },
+        Arc::new(net.clone()),
+    )
     .await
     .map_err(|e| ServerError::Raft(e.to_string()))?;
     let node = Arc::new(node);
-    // Serve clients only once a leader is known (SPEC 5).
-    let leader = node
-        .wait_for_leader(Duration::from_secs(60))
-        .await
-        .map_err(|e| ServerError::Raft(format!("no leader elected: {e}")))?;
-    tracing::info!(leader, "leader known");
     let hub = Arc::new(Hub::default());
     tokio::spawn(hub.clone().run(feed));
     // A stall is a gap of more than two heartbeats in the timer loop.
     let clock = Arc::new(Clock::new(2 * cfg.raft.heartbeat_ms));
-    let proposer = Arc::new(Proposer::new(node.clone(), clock.clone()));
+    let proposer = Arc::new(Proposer::new(
+        node.clone(),
+        net.clone(),
+        clock.clone(),
+        Duration::from_millis(cfg.raft.election_timeout_ms_min),
+    ));
+    let cluster = Arc::new(Cluster::new(
+        node.clone(),
+        net,
+        proposer.clone(),
+        identity,
+        member,
+        Duration::from_millis(2 * cfg.raft.election_timeout_ms_max),
+    ));
     let keepalive = KeepaliveBatcher::start(proposer.clone(), heartbeat / 4);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let ticker = tokio::spawn(tick_loop(
@@ -155,12 +163,11 @@ pub async fn run(
     let ctx = Arc::new(Ctx {
         node: node.clone(),
         proposer,
+        cluster: cluster.clone(),
         hub,
         keepalive,
-        cluster_id,
         node_id: cfg.node_id,
         site: cfg.site.clone(),
-        advertise: cfg.advertise_addr(),
         wire_limits: cfg.wire_limits(),
         outbound_queue_max: cfg.limits.outbound_queue_max,
         admins: cfg.admins.clone(),
@@ -169,11 +176,37 @@ pub async fn run(
         metrics,
     });
     tracing::info!(node = cfg.node_id, listen = %cfg.listen, http = ?http_addr,
-        cluster = %format!("{cluster_id:032x}"), "serving");
+        cluster = ?cluster.identity.cluster_id().map(|c| format!("{c:032x}")),
+        role = %cfg.role, "listening");
+    // Every node with `peers` asks to join on start (a no-op for a member);
+    // a refusal that retrying cannot fix stops the server.
+    let mut joining = if cfg.peers.is_empty() || bootstrap {
+        None
+    } else {
+        Some(tokio::spawn(cluster.clone().join(cfg.peers.clone())))
+    };
+    let mut failure = None;
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
+            joined = async {
+                match joining.as_mut() {
+                    Some(j) => j.await,
+                    None => std::future::pending().await,
+                }
+            }, if joining.is_some() => {
+                joining = None;
+                match joined {
+                    Ok(Ok(())) => {}
+                    Ok(Err(reason)) => {
+                        tracing::error!("cannot join the cluster: {reason}");
+                        failure = Some(ServerError::Join(reason));
+                        break;
+                    }
+                    Err(e) => tracing::warn!("join task failed: {e}"),
+                }
+            }
             accepted = listener.accept() => match accepted {
                 Ok((tcp, _)) => {
                     let Ok(permit) = conns.clone().try_acquire_owned() else {
@@ -198,6 +231,12 @@ pub async fn run(
     let _ = stop_tx.send(true);
     let _ = ticker.await;
     let _ = http.await;
+    if let Some(j) = joining {
+        j.abort();
+    }
     node.shutdown().await;
-    Ok(())
+    match failure {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
 }

@@ -16,7 +16,7 @@ use oclocks_core::{
     Caller, Command, Effect, EngineLimits, Kind, LockRequest, Mode, Op, Reply, Token,
 };
 use oclocks_server::raft::{
-    AppliedBatch, LogStore, NodeOptions, ProposeError, RaftError, RaftNode, RaftOptions,
+    AppliedBatch, LogStore, Member, NodeOptions, ProposeError, RaftError, RaftNode, RaftOptions,
     StateMachineStore, StoreError, TypeConfig, LOG_FILE, SNAPSHOT_DIR, SNAPSHOT_FILE,
 };
 use openraft::storage::RaftStateMachine;
@@ -71,7 +71,11 @@ fn options(dir: &Path, bootstrap: bool, raft: RaftOptions) -> NodeOptions {
         limits: EngineLimits::default(),
         options: raft,
         bootstrap,
-        advertise_addr: "127.0.0.1:7000".into(),
+        member: Member {
+            addr: "127.0.0.1:7000".into(),
+            client_addr: "127.0.0.1:7000".into(),
+            ..Member::default()
+        },
     }
 }
 

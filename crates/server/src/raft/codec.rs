@@ -14,10 +14,11 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use oclocks_core::Command;
-use openraft::{BasicNode, EntryPayload, LeaderId, Membership, SnapshotMeta, StoredMembership};
+use openraft::{EntryPayload, LeaderId, Membership, SnapshotMeta, StoredMembership};
 use serde::{Deserialize, Serialize};
 
 use super::error::StoreError;
+use super::member::{Member, MemberRole};
 use super::{Entry, LogId, NodeId, Proposal, Vote};
 
 /// Version of the log store's layout (tables and their meaning), recorded in
@@ -62,26 +63,58 @@ struct VoteV1 {
 }
 
 #[derive(Serialize, Deserialize)]
+struct MemberV1 {
+    addr: String,
+    client_addr: String,
+    site: String,
+    incarnation: u64,
+    /// [`MemberRole`] as a number; an unknown value reads as a learner
+    /// (never gives a vote it was not given).
+    role: u8,
+}
+
+#[derive(Serialize, Deserialize)]
 struct MembershipV1 {
     /// Joint configuration: one voter set, or two during a change.
     configs: Vec<BTreeSet<NodeId>>,
-    /// Every member (voters and learners) and its address.
-    nodes: BTreeMap<NodeId, String>,
+    /// Every member (voters and learners).
+    nodes: BTreeMap<NodeId, MemberV1>,
 }
 
 impl MembershipV1 {
-    fn from_membership(m: &Membership<NodeId, BasicNode>) -> MembershipV1 {
+    fn from_membership(m: &Membership<NodeId, Member>) -> MembershipV1 {
         MembershipV1 {
             configs: m.get_joint_config().clone(),
-            nodes: m.nodes().map(|(id, n)| (*id, n.addr.clone())).collect(),
+            nodes: m
+                .nodes()
+                .map(|(id, n)| {
+                    let v = MemberV1 {
+                        addr: n.addr.clone(),
+                        client_addr: n.client_addr.clone(),
+                        site: n.site.clone(),
+                        incarnation: n.incarnation,
+                        role: n.role.to_u8(),
+                    };
+                    (*id, v)
+                })
+                .collect(),
         }
     }
 
-    fn into_membership(self) -> Membership<NodeId, BasicNode> {
-        let nodes: BTreeMap<NodeId, BasicNode> = self
+    fn into_membership(self) -> Membership<NodeId, Member> {
+        let nodes: BTreeMap<NodeId, Member> = self
             .nodes
             .into_iter()
-            .map(|(id, addr)| (id, BasicNode { addr }))
+            .map(|(id, n)| {
+                let m = Member {
+                    addr: n.addr,
+                    client_addr: n.client_addr,
+                    site: n.site,
+                    incarnation: n.incarnation,
+                    role: MemberRole::from_u8(n.role).unwrap_or(MemberRole::Learner),
+                };
+                (id, m)
+            })
             .collect();
         Membership::new(self.configs, nodes)
     }
@@ -270,7 +303,7 @@ pub(crate) fn decode_log_id(what: &str, bytes: &[u8]) -> Result<LogId, StoreErro
 /// Snapshot bytes: `[version] [postcard header] [engine snapshot] [crc32 LE]`.
 /// The same bytes are the file on disk and the data sent to a follower.
 pub(crate) fn encode_snapshot(
-    meta: &SnapshotMeta<NodeId, BasicNode>,
+    meta: &SnapshotMeta<NodeId, Member>,
     engine: &[u8],
 ) -> Result<Vec<u8>, StoreError> {
     let header = SnapshotHeaderV1 {
@@ -295,7 +328,7 @@ pub(crate) fn encode_snapshot(
 /// bytes (borrowed from `bytes`).
 pub(crate) fn decode_snapshot(
     bytes: &[u8],
-) -> Result<(SnapshotMeta<NodeId, BasicNode>, &[u8]), StoreError> {
+) -> Result<(SnapshotMeta<NodeId, Member>, &[u8]), StoreError> {
     let what = "snapshot";
     if bytes.len() < 5 {
         return Err(StoreError::Corrupt {

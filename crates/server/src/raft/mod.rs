@@ -28,6 +28,7 @@ use serde::{Deserialize, Serialize};
 mod codec;
 mod error;
 mod log_store;
+mod member;
 mod network;
 mod node;
 mod options;
@@ -35,8 +36,9 @@ mod state_machine;
 
 pub use error::{ProposeError, RaftError, ReadError, StoreError};
 pub use log_store::{LogStats, LogStore, LOG_FILE};
+pub use member::{Member, MemberRole};
 pub use network::{Network, NoPeerTransport, NoPeers, PeerClient, PeerTransport, RpcError};
-pub use node::{NodeOptions, PendingReply, RaftNode};
+pub use node::{Applied, NodeOptions, PendingReply, RaftNode};
 pub use options::RaftOptions;
 pub use state_machine::{
     AppliedBatch, SnapshotBuilder, StateMachineStore, SNAPSHOT_DIR, SNAPSHOT_FILE,
@@ -65,7 +67,7 @@ openraft::declare_raft_types!(
         D = Proposal,
         R = ProposalReply,
         NodeId = u64,
-        Node = openraft::BasicNode,
+        Node = Member,
         Entry = openraft::Entry<TypeConfig>,
         SnapshotData = Cursor<Vec<u8>>,
         AsyncRuntime = openraft::TokioRuntime,

@@ -33,13 +33,13 @@ use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
     VoteRequest, VoteResponse,
 };
-use openraft::{BasicNode, RPCTypes, RaftNetwork, RaftNetworkFactory};
+use openraft::{RPCTypes, RaftNetwork, RaftNetworkFactory};
 
+use super::member::Member;
 use super::{NodeId, TypeConfig};
 
 /// The error of an RPC whose remote side answers with a `RaftError<E>`.
-pub type RpcError<E = openraft::error::Infallible> =
-    RPCError<NodeId, BasicNode, RaftError<NodeId, E>>;
+pub type RpcError<E = openraft::error::Infallible> = RPCError<NodeId, Member, RaftError<NodeId, E>>;
 
 /// A transport for Raft RPCs to peers. Object-safe, so the server can plug
 /// in any implementation (`Arc<dyn PeerTransport>`); each call is
@@ -55,14 +55,14 @@ pub trait PeerTransport: Send + Sync + 'static {
     fn append_entries(
         &self,
         target: NodeId,
-        node: &BasicNode,
+        node: &Member,
         rpc: AppendEntriesRequest<TypeConfig>,
     ) -> BoxFuture<'static, Result<AppendEntriesResponse<NodeId>, RpcError>>;
 
     fn vote(
         &self,
         target: NodeId,
-        node: &BasicNode,
+        node: &Member,
         rpc: VoteRequest<NodeId>,
     ) -> BoxFuture<'static, Result<VoteResponse<NodeId>, RpcError>>;
 
@@ -71,7 +71,7 @@ pub trait PeerTransport: Send + Sync + 'static {
     fn install_snapshot(
         &self,
         target: NodeId,
-        node: &BasicNode,
+        node: &Member,
         rpc: InstallSnapshotRequest<TypeConfig>,
     ) -> BoxFuture<'static, Result<InstallSnapshotResponse<NodeId>, RpcError<InstallSnapshotError>>>;
 }
@@ -90,7 +90,7 @@ pub struct NoPeerTransport {
     pub addr: String,
 }
 
-fn unreachable<E: std::error::Error>(target: NodeId, node: &BasicNode) -> RpcError<E> {
+fn unreachable<E: std::error::Error>(target: NodeId, node: &Member) -> RpcError<E> {
     RPCError::Unreachable(Unreachable::new(&NoPeerTransport {
         target,
         addr: node.addr.clone(),
@@ -101,7 +101,7 @@ impl PeerTransport for NoPeers {
     fn append_entries(
         &self,
         target: NodeId,
-        node: &BasicNode,
+        node: &Member,
         _rpc: AppendEntriesRequest<TypeConfig>,
     ) -> BoxFuture<'static, Result<AppendEntriesResponse<NodeId>, RpcError>> {
         let e = unreachable(target, node);
@@ -111,7 +111,7 @@ impl PeerTransport for NoPeers {
     fn vote(
         &self,
         target: NodeId,
-        node: &BasicNode,
+        node: &Member,
         _rpc: VoteRequest<NodeId>,
     ) -> BoxFuture<'static, Result<VoteResponse<NodeId>, RpcError>> {
         let e = unreachable(target, node);
@@ -121,7 +121,7 @@ impl PeerTransport for NoPeers {
     fn install_snapshot(
         &self,
         target: NodeId,
-        node: &BasicNode,
+        node: &Member,
         _rpc: InstallSnapshotRequest<TypeConfig>,
     ) -> BoxFuture<'static, Result<InstallSnapshotResponse<NodeId>, RpcError<InstallSnapshotError>>>
     {
@@ -148,7 +148,7 @@ impl Network {
 impl RaftNetworkFactory<TypeConfig> for Network {
     type Network = PeerClient;
 
-    async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> PeerClient {
+    async fn new_client(&mut self, target: NodeId, node: &Member) -> PeerClient {
         PeerClient {
             id: self.id,
             target,
@@ -162,7 +162,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
 pub struct PeerClient {
     id: NodeId,
     target: NodeId,
-    node: BasicNode,
+    node: Member,
     transport: Arc<dyn PeerTransport>,
 }
 

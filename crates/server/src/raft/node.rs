@@ -30,12 +30,13 @@ use std::time::Duration;
 
 use oclocks_core::{Command, Engine, EngineLimits, Reply};
 use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError as OpenRaftError};
-use openraft::{BasicNode, ServerState};
+use openraft::ServerState;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio::task::JoinHandle;
 
 use super::error::{ProposeError, RaftError, ReadError, StoreError};
 use super::log_store::{LogStats, LogStore};
+use super::member::Member;
 use super::network::{Network, NoPeers, PeerTransport};
 use super::options::RaftOptions;
 use super::state_machine::{AppliedBatch, StateMachineStore};
@@ -53,25 +54,33 @@ pub struct NodeOptions {
     /// Start a new one-member cluster if the data directory is fresh.
     /// Ignored (with a log line) when it already holds a cluster.
     pub bootstrap: bool,
-    /// The address peers reach this node at (stored in the membership).
-    pub advertise_addr: String,
+    /// This node as the membership records it (address, site, data
+    /// directory incarnation, role); used when bootstrapping.
+    pub member: Member,
 }
 
 /// One queued proposal.
 struct Pending {
     cmd: Command,
-    tx: oneshot::Sender<Result<Reply, ProposeError>>,
+    tx: oneshot::Sender<Result<Applied, ProposeError>>,
+}
+
+/// A command's reply and the index of the log entry that carried it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Applied {
+    pub reply: Reply,
+    pub index: u64,
 }
 
 /// The reply to a submitted command, once its entry is committed and
 /// applied. Await it (it is a future).
 #[must_use = "a PendingReply does nothing unless awaited"]
 pub struct PendingReply {
-    rx: oneshot::Receiver<Result<Reply, ProposeError>>,
+    rx: oneshot::Receiver<Result<Applied, ProposeError>>,
 }
 
 impl Future for PendingReply {
-    type Output = Result<Reply, ProposeError>;
+    type Output = Result<Applied, ProposeError>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         Pin::new(&mut self.rx).poll(cx).map(|r| {
@@ -139,7 +148,7 @@ impl RaftNode {
 
         if fresh && opts.bootstrap {
             let mut members = BTreeMap::new();
-            members.insert(opts.node_id, BasicNode::new(&opts.advertise_addr));
+            members.insert(opts.node_id, opts.member.clone());
             if let Err(e) = raft.initialize(members).await {
                 // Do not leave a half-started node running.
                 if let Err(e) = raft.shutdown().await {
@@ -212,6 +221,68 @@ impl RaftNode {
         self.raft.metrics().borrow().current_leader
     }
 
+    /// The member record of node `id` in the current membership.
+    pub fn member(&self, id: NodeId) -> Option<Member> {
+        self.raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .get_node(&id)
+            .cloned()
+    }
+
+    /// Every member with its record and whether it votes, by node id.
+    pub fn members(&self) -> Vec<(NodeId, Member, bool)> {
+        let rx = self.raft.metrics();
+        let m = rx.borrow();
+        let membership = m.membership_config.membership();
+        let voters: std::collections::BTreeSet<NodeId> = membership.voter_ids().collect();
+        membership
+            .nodes()
+            .map(|(id, n)| (*id, n.clone(), voters.contains(id)))
+            .collect()
+    }
+
+    /// The voters of the current membership (both sets during a change).
+    pub fn voter_ids(&self) -> Vec<NodeId> {
+        self.raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .voter_ids()
+            .collect()
+    }
+
+    /// The last applied log index (0 before anything was applied).
+    pub fn applied_index(&self) -> u64 {
+        self.raft
+            .metrics()
+            .borrow()
+            .last_applied
+            .map_or(0, |l| l.index)
+    }
+
+    /// Wait until this node has applied the log up to `index`.
+    pub async fn wait_applied(&self, index: u64, timeout: Duration) -> Result<(), RaftError> {
+        if self.applied_index() >= index {
+            return Ok(());
+        }
+        self.raft
+            .wait(Some(timeout))
+            .applied_index_at_least(Some(index), "the forwarded entry applied here")
+            .await
+            .map(|_| ())
+            .map_err(|e| RaftError::Timeout(e.to_string()))
+    }
+
+    /// Milliseconds since a quorum last acknowledged this node as leader
+    /// (`None` when not leading).
+    pub fn millis_since_quorum_ack(&self) -> Option<u64> {
+        self.raft.metrics().borrow().millis_since_quorum_ack
+    }
+
     /// This node's current term.
     pub fn current_term(&self) -> u64 {
         self.raft.metrics().borrow().current_term
@@ -248,13 +319,13 @@ impl RaftNode {
 
     /// Wait for a submitted command's reply (same as awaiting it).
     pub async fn wait_reply(&self, reply: PendingReply) -> Result<Reply, ProposeError> {
-        reply.await
+        reply.await.map(|a| a.reply)
     }
 
     /// Propose `cmd` and wait until it is committed and applied; returns the
     /// engine's reply. Concurrent proposals share log entries and fsyncs.
     pub async fn propose(&self, cmd: Command) -> Result<Reply, ProposeError> {
-        self.submit(cmd).await?.await
+        self.submit(cmd).await?.await.map(|a| a.reply)
     }
 
     /// Run `f` on the engine after confirming, with a quorum, that this node
@@ -298,7 +369,7 @@ impl RaftNode {
     }
 }
 
-fn read_error(e: OpenRaftError<NodeId, CheckIsLeaderError<NodeId, BasicNode>>) -> ReadError {
+fn read_error(e: OpenRaftError<NodeId, CheckIsLeaderError<NodeId, Member>>) -> ReadError {
     match e {
         OpenRaftError::APIError(CheckIsLeaderError::ForwardToLeader(f)) => {
             ReadError::ForwardToLeader {
@@ -353,10 +424,11 @@ async fn run_batcher(
                     drop(permit);
                     match res {
                         Ok(Ok(resp)) => {
+                            let index = resp.log_id.index;
                             let replies = resp.data.replies;
                             if replies.len() == waiters.len() {
-                                for (w, r) in waiters.into_iter().zip(replies) {
-                                    let _ = w.send(Ok(r));
+                                for (w, reply) in waiters.into_iter().zip(replies) {
+                                    let _ = w.send(Ok(Applied { reply, index }));
                                 }
                             } else {
                                 let msg = format!(
@@ -386,7 +458,7 @@ async fn run_batcher(
     }
 }
 
-fn fail_all(waiters: Vec<oneshot::Sender<Result<Reply, ProposeError>>>, e: ProposeError) {
+fn fail_all(waiters: Vec<oneshot::Sender<Result<Applied, ProposeError>>>, e: ProposeError) {
     for w in waiters {
         let _ = w.send(Err(e.clone()));
     }

@@ -28,13 +28,14 @@ use std::sync::{Arc, Mutex, PoisonError};
 use oclocks_core::{Effect, Engine, EngineLimits};
 use openraft::storage::RaftStateMachine;
 use openraft::{
-    BasicNode, EntryPayload, ErrorSubject, ErrorVerb, RaftSnapshotBuilder, Snapshot, SnapshotMeta,
+    EntryPayload, ErrorSubject, ErrorVerb, RaftSnapshotBuilder, Snapshot, SnapshotMeta,
     StorageError, StoredMembership,
 };
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::codec;
 use super::error::StoreError;
+use super::member::Member;
 use super::{Entry, LogId, NodeId, ProposalReply, TypeConfig};
 
 /// Directory of snapshot files inside the data directory.
@@ -55,7 +56,7 @@ pub struct AppliedBatch {
     pub effects: Vec<Effect>,
 }
 
-type Meta = SnapshotMeta<NodeId, BasicNode>;
+type Meta = SnapshotMeta<NodeId, Member>;
 
 /// The snapshot directory, shared by the state machine and its snapshot
 /// builders (which run in their own tasks).
@@ -149,7 +150,7 @@ pub struct StateMachineStore {
     engine: Arc<Mutex<Engine>>,
     limits: EngineLimits,
     last_applied: Option<LogId>,
-    last_membership: StoredMembership<NodeId, BasicNode>,
+    last_membership: StoredMembership<NodeId, Member>,
     snapshots: Arc<SnapshotDir>,
     effects: UnboundedSender<AppliedBatch>,
 }
@@ -270,7 +271,7 @@ impl StateMachineStore {
 /// encoding and the durable write happen in the builder's own task.
 pub struct SnapshotBuilder {
     last_applied: Option<LogId>,
-    last_membership: StoredMembership<NodeId, BasicNode>,
+    last_membership: StoredMembership<NodeId, Member>,
     engine: Result<Vec<u8>, StoreError>,
     snapshots: Arc<SnapshotDir>,
 }
@@ -303,7 +304,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
 
     async fn applied_state(
         &mut self,
-    ) -> Result<(Option<LogId>, StoredMembership<NodeId, BasicNode>), StorageError<NodeId>> {
+    ) -> Result<(Option<LogId>, StoredMembership<NodeId, Member>), StorageError<NodeId>> {
         Ok((self.last_applied, self.last_membership.clone()))
     }
 
