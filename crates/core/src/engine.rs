@@ -1861,6 +1861,22 @@ impl Engine {
             .collect()
     }
 
+    /// How the LOCK `nonce` of session `client` stands, as far as the engine
+    /// remembers: still waiting, granted, or refused (`NoSession` when the
+    /// session is gone). `None` if the nonce is forgotten (below the
+    /// session's mark) or was never seen. Lets a server that skipped
+    /// entries (snapshot install) settle the waits it was listening for.
+    pub fn lock_outcome(&self, client: ClientId, nonce: Nonce) -> Option<LockOutcome> {
+        let Some(s) = self.st.sessions.get(&client) else {
+            return Some(LockOutcome::Refused(Refusal::NoSession));
+        };
+        Some(match s.outcomes.get(&nonce)? {
+            Outcome::Pending => LockOutcome::Waiting,
+            Outcome::Granted(t) => LockOutcome::Granted(*t),
+            Outcome::Refused(r) => LockOutcome::Refused(r.clone()),
+        })
+    }
+
     /// A session's identity, timeout and remaining time, if it exists.
     pub fn session(&self, client: ClientId) -> Option<(Arc<str>, u64, u64)> {
         let s = self.st.sessions.get(&client)?;

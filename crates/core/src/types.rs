@@ -348,3 +348,14 @@ pub struct ZoneCounts {
     pub holders: usize,
     pub waiters: usize,
 }
+
+/// Where a LOCK stands ([`crate::Engine::lock_outcome`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LockOutcome {
+    /// Queued, not granted yet.
+    Waiting,
+    /// Granted with this token (it may have ended since).
+    Granted(Token),
+    /// Refused, cancelled, timed out, or its session ended.
+    Refused(Refusal),
+}

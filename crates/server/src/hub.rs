@@ -17,7 +17,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use oclocks_core::{ClientId, Effect, Nonce, Refusal, Token};
+use oclocks_core::{ClientId, Effect, Engine, LockOutcome, Nonce, Refusal, Token};
 use oclocks_proto::{Lost, Response, ResponseBody, WatchEvent};
 use tokio::sync::{mpsc, oneshot, Notify};
 
@@ -195,10 +195,120 @@ impl Hub {
         }
     }
 
+    /// After a snapshot install (effects of skipped entries never came):
+    /// settle every wait whose LOCK the engine says has ended.
+    pub fn resync(&self, engine: &Engine) {
+        let mut g = self.lock();
+        let keys: Vec<(ClientId, Nonce)> = g.waits.keys().copied().collect();
+        for (client, nonce) in keys {
+            let end = match engine.lock_outcome(client, nonce) {
+                Some(LockOutcome::Granted(t)) => WaitEnd::Granted(t),
+                Some(LockOutcome::Refused(r)) => WaitEnd::Refused(r),
+                Some(LockOutcome::Waiting) | None => continue,
+            };
+            if let Some(tx) = g.waits.remove(&(client, nonce)) {
+                drop(tx.send(end));
+            }
+        }
+    }
+
     /// Deliver effects as the state machine applies them, until the feed ends.
-    pub async fn run(self: Arc<Self>, mut feed: mpsc::UnboundedReceiver<AppliedBatch>) {
+    pub async fn run(
+        self: Arc<Self>,
+        mut feed: mpsc::UnboundedReceiver<AppliedBatch>,
+        engine: Arc<std::sync::Mutex<Engine>>,
+    ) {
         while let Some(batch) = feed.recv().await {
+            if batch.resync {
+                tracing::info!(
+                    index = batch.log_index,
+                    "snapshot installed: settling waits from the engine"
+                );
+                let e = engine.lock().unwrap_or_else(|p| p.into_inner());
+                self.resync(&e);
+            }
             self.deliver(batch.effects);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use oclocks_core::{Caller, Command, EngineLimits, Kind, LockRequest, Mode, Op, Reply};
+
+    fn apply(e: &mut Engine, op: Op) -> Reply {
+        e.apply(Command {
+            term: 1,
+            now_ms: 1000,
+            op,
+        })
+        .reply
+    }
+
+    fn lock(client: u128, nonce: u64) -> Op {
+        Op::Lock(LockRequest {
+            caller: Caller {
+                client,
+                identity: "a".into(),
+            },
+            key: None,
+            zone: "z".into(),
+            name: "n".into(),
+            mode: Mode::Exclusive,
+            kind: Kind::Connection,
+            ttl_ms: 0,
+            wait_ms: 60_000,
+            lock_delay_ms: 0,
+            owner: nonce,
+            nonce,
+            low_water: 0,
+        })
+    }
+
+    /// A snapshot install skips the grant's effect; the resync settles the
+    /// wait from the engine instead, and leaves a still-queued wait alone.
+    #[test]
+    fn resync_settles_waits_the_snapshot_skipped() {
+        let mut e = Engine::new(EngineLimits::default());
+        for c in [1, 2, 3] {
+            let caller = Caller {
+                client: c,
+                identity: "a".into(),
+            };
+            apply(
+                &mut e,
+                Op::OpenSession {
+                    caller,
+                    timeout_ms: 10_000,
+                },
+            );
+        }
+        let Reply::Granted { token } = apply(&mut e, lock(1, 1)) else {
+            panic!("first lock not granted");
+        };
+        assert!(matches!(apply(&mut e, lock(2, 1)), Reply::Queued { .. }));
+        assert!(matches!(apply(&mut e, lock(3, 1)), Reply::Queued { .. }));
+        let hub = Hub::default();
+        let mut granted = hub.register_wait(2, 1);
+        let mut waiting = hub.register_wait(3, 1);
+        let caller = Caller {
+            client: 1,
+            identity: "a".into(),
+        };
+        let op = Op::Release {
+            caller,
+            key: None,
+            zone: "z".into(),
+            name: "n".into(),
+            token,
+        };
+        apply(&mut e, op);
+        hub.resync(&e);
+        match granted.try_recv() {
+            Ok(WaitEnd::Granted(t)) => assert!(t > token),
+            other => panic!("{other:?}"),
+        }
+        assert!(waiting.try_recv().is_err(), "client 3 still waits");
     }
 }

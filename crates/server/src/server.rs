@@ -121,7 +121,7 @@ pub async fn run(
     .map_err(|e| ServerError::Raft(e.to_string()))?;
     let node = Arc::new(node);
     let hub = Arc::new(Hub::default());
-    tokio::spawn(hub.clone().run(feed));
+    tokio::spawn(hub.clone().run(feed, node.engine()));
     // A stall is a gap of more than two heartbeats in the timer loop.
     let clock = Arc::new(Clock::new(2 * cfg.raft.heartbeat_ms));
     let proposer = Arc::new(Proposer::new(

@@ -1036,3 +1036,28 @@ fn session_timeout_is_clamped() {
         }
     ));
 }
+
+/// `lock_outcome` answers what a server that skipped entries needs: still
+/// waiting, granted with which token, refused, or the session is gone.
+#[test]
+fn lock_outcome_reports_waits_grants_and_gone_sessions() {
+    let mut h = H::new();
+    h.open(1);
+    h.open(2);
+    let t1 = h.token(1, "a");
+    let r = h.req(2, "a", Mode::Exclusive, 60_000);
+    let nonce = r.nonce;
+    assert!(matches!(h.apply(Op::Lock(r)).reply, Reply::Queued { .. }));
+    assert_eq!(h.e.lock_outcome(2, nonce), Some(LockOutcome::Waiting));
+    assert_eq!(h.e.lock_outcome(2, nonce + 100), None);
+    h.release(1, "a", t1);
+    let t2 = match h.e.lock_outcome(2, nonce) {
+        Some(LockOutcome::Granted(t)) => t,
+        other => panic!("{other:?}"),
+    };
+    assert!(t2 > t1);
+    assert_eq!(
+        h.e.lock_outcome(9, 1),
+        Some(LockOutcome::Refused(Refusal::NoSession))
+    );
+}

@@ -47,13 +47,16 @@ const SNAPSHOT_TMP: &str = "current.snap.tmp";
 /// The effects of one applied log entry, in apply order. Entries without
 /// effects are not sent. After a restart, entries after the snapshot are
 /// applied (and their effects sent) again: `log_index` lets a consumer tell.
-/// A node that installs a snapshot from a leader (a lagging follower, next
-/// issue) skips the entries it covers, so no effects are sent for them:
-/// whoever delivers effects must then resynchronise from the engine.
+/// A node that installs a snapshot from a leader (a lagging follower)
+/// skips the entries it covers, so no effects are sent for them: it sends a
+/// batch with `resync` set instead, and whoever delivers effects must then
+/// resynchronise from the engine.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AppliedBatch {
     pub log_index: u64,
     pub effects: Vec<Effect>,
+    /// A snapshot replaced the state: effects up to `log_index` were skipped.
+    pub resync: bool,
 }
 
 type Meta = SnapshotMeta<NodeId, Member>;
@@ -261,6 +264,11 @@ impl StateMachineStore {
         self.engine.clear_poison();
         self.last_applied = meta.last_log_id;
         self.last_membership = meta.last_membership.clone();
+        let _ = self.effects.send(AppliedBatch {
+            log_index: meta.last_log_id.map_or(0, |l| l.index),
+            effects: Vec::new(),
+            resync: true,
+        });
         tracing::info!(last_log_id = ?meta.last_log_id, "snapshot installed");
         Ok(())
     }
@@ -342,6 +350,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                         let _ = self.effects.send(AppliedBatch {
                             log_index: log_id.index,
                             effects,
+                            resync: false,
                         });
                     }
                     ProposalReply { replies }
