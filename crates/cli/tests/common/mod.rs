@@ -2,6 +2,13 @@
 //! certificates made by `oclocks certs`, in a temporary directory that is
 //! removed afterwards. Every process a test starts is killed when its
 //! handle drops, so a failing test leaves nothing running.
+//!
+//! [`Node`] is "the server" of the end-to-end tests: node 1 of a cluster of
+//! [`cluster_size`] nodes (3 unless `OCLOCKS_TEST_NODES=1`), so every such
+//! test runs against a replicated cluster. Node 1 bootstraps, the others
+//! join through `peers`; the client config points at node 1 only (clients
+//! learn the others from HELLO); `kill9`, `spawn` and `signal` act on
+//! node 1.
 
 #![allow(dead_code)]
 
@@ -12,7 +19,7 @@ use std::time::{Duration, Instant};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_oclocks");
 
-/// A single-node cluster in a temporary directory.
+/// Node 1 of a test cluster in a temporary directory.
 pub struct Node {
     pub dir: tempfile::TempDir,
     pub config: PathBuf,
@@ -21,6 +28,18 @@ pub struct Node {
     /// The plain-HTTP address (/health, /ready, /metrics).
     pub http: SocketAddr,
     pub child: Option<Child>,
+    /// The other nodes of the cluster (2..): their processes.
+    pub others: Vec<Child>,
+    /// Their client addresses.
+    pub other_addrs: Vec<SocketAddr>,
+}
+
+/// Nodes per test cluster: `OCLOCKS_TEST_NODES` (1 or 3; default 3).
+pub fn cluster_size() -> usize {
+    match std::env::var("OCLOCKS_TEST_NODES").ok().as_deref() {
+        Some("1") => 1,
+        _ => 3,
+    }
 }
 
 fn free_port() -> SocketAddr {
@@ -50,72 +69,113 @@ impl Node {
         let dir = tempfile::tempdir().expect("tempdir");
         let certs = dir.path().join("certs");
         let d = certs.to_str().expect("utf-8 path");
+        let n = cluster_size();
         run_ok(&mut oclocks(&["certs", "init", "--dir", d]));
-        run_ok(&mut oclocks(&[
-            "certs", "issue", "--dir", d, "--server", "node1",
-        ]));
+        for i in 1..=n {
+            run_ok(&mut oclocks(&[
+                "certs",
+                "issue",
+                "--dir",
+                d,
+                "--server",
+                &format!("node{i}"),
+            ]));
+        }
         run_ok(&mut oclocks(&[
             "certs", "issue", "--dir", d, "--client", "alice",
         ]));
         run_ok(&mut oclocks(&[
             "certs", "issue", "--dir", d, "--client", "bob",
         ]));
-        let addr = free_port();
-        let http = free_port();
-        let config = dir.path().join("node1.toml");
-        std::fs::write(
-            &config,
-            format!(
-                r#"node_id = 1
+        let addrs: Vec<(SocketAddr, SocketAddr)> =
+            (0..n).map(|_| (free_port(), free_port())).collect();
+        for (i, (addr, http)) in addrs.iter().enumerate() {
+            let id = i + 1;
+            let peers = addrs
+                .iter()
+                .enumerate()
+                .filter(|(j, _)| *j != i)
+                .map(|(_, (a, _))| format!("\"{a}\""))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let data = if id == 1 {
+                "data".to_string()
+            } else {
+                format!("data{id}")
+            };
+            std::fs::write(
+                dir.path().join(format!("node{id}.toml")),
+                format!(
+                    r#"node_id = {id}
 listen = "{addr}"
 http = "{http}"
-data_dir = "data"
+data_dir = "{data}"
 admins = ["alice"]
+peers = [{peers}]
 [tls]
 ca = "certs/ca.pem"
-cert = "certs/node1.pem"
-key = "certs/node1.key"
+cert = "certs/node{id}.pem"
+key = "certs/node{id}.key"
 [session]
 timeout_ms_min = 1000
 timeout_ms_default = {session_timeout_ms}
 "#
-            ),
-        )
-        .expect("write config");
+                ),
+            )
+            .expect("write config");
+        }
+        let (addr, http) = addrs[0];
+        let config = dir.path().join("node1.toml");
         let client_config = dir.path().join("client.toml");
         write_client_config(&client_config, dir.path(), addr, "alice");
-        let mut n = Node {
+        let mut node = Node {
             dir,
             config,
             client_config,
             addr,
             http,
             child: None,
+            others: Vec::new(),
+            other_addrs: addrs[1..].iter().map(|(a, _)| *a).collect(),
         };
-        n.spawn(true);
-        n
+        node.spawn(true);
+        for id in 2..=n {
+            let child = node.spawn_process(&node.path(&format!("node{id}.toml")), id, false);
+            node.others.push(child);
+        }
+        for (i, (_, http)) in addrs.iter().enumerate() {
+            wait_ready(
+                *http,
+                Duration::from_secs(30),
+                &node.path(&format!("node{}.log", i + 1)),
+            );
+        }
+        node
+    }
+
+    fn spawn_process(&self, config: &Path, id: usize, bootstrap: bool) -> Child {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join(format!("node{id}.log")))
+            .expect("log file");
+        let mut cmd = oclocks(&["server", "--config", config.to_str().expect("utf-8")]);
+        if bootstrap {
+            cmd.arg("--bootstrap");
+        }
+        cmd.stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start oclocks server")
     }
 
     pub fn path(&self, rel: &str) -> PathBuf {
         self.dir.path().join(rel)
     }
 
-    /// Start (or restart) the server process and wait until it serves.
+    /// Start (or restart) node 1 and wait until it serves.
     pub fn spawn(&mut self, bootstrap: bool) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.path().join("node1.log"))
-            .expect("log file");
-        let mut cmd = oclocks(&["server", "--config", self.config.to_str().expect("utf-8")]);
-        if bootstrap {
-            cmd.arg("--bootstrap");
-        }
-        let child = cmd
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("start oclocks server");
+        let child = self.spawn_process(&self.config, 1, bootstrap);
         self.child = Some(child);
         self.wait_serving(Duration::from_secs(30));
     }
@@ -173,6 +233,36 @@ timeout_ms_default = {session_timeout_ms}
 impl Drop for Node {
     fn drop(&mut self) {
         self.kill9();
+        for c in &mut self.others {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Wait until `GET /ready` on `http` answers 200.
+pub fn wait_ready(http: SocketAddr, within: Duration, log: &Path) {
+    use std::io::{Read, Write};
+    let deadline = Instant::now() + within;
+    loop {
+        let ok = std::net::TcpStream::connect(http)
+            .and_then(|mut s| {
+                s.set_read_timeout(Some(Duration::from_secs(2)))?;
+                s.write_all(b"GET /ready HTTP/1.0\r\n\r\n")?;
+                let mut buf = String::new();
+                s.read_to_string(&mut buf)?;
+                Ok(buf.starts_with("HTTP/1.1 200"))
+            })
+            .unwrap_or(false);
+        if ok {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node at {http} not ready within {within:?}; log:\n{}",
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
