@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use oclocks_client::{Client, ClientConfig, Error as ClientError, LockGuard};
+use oclocks_client::{Client, ClientConfig, Error as ClientError, LockGuard, ServerStatus};
 
 /// Exit status when the lock could not be taken within `--wait`.
 pub const EXIT_CONFLICT: u8 = 3;
@@ -77,7 +77,7 @@ impl ClientArgs {
         Ok(cfg)
     }
 
-    async fn connect(&self, owner_key: Option<&Path>) -> Result<Client> {
+    pub(crate) async fn connect(&self, owner_key: Option<&Path>) -> Result<Client> {
         let mut cfg = self.client_config()?;
         if let Some(k) = owner_key {
             cfg.owner_key_file = Some(k.to_path_buf());
@@ -373,6 +373,9 @@ pub struct StatusArgs {
 pub async fn status(a: StatusArgs) -> Result<ExitCode> {
     let client = a.client.connect(None).await?;
     let s = client.status().await?;
+    // Measure every server this client knows now (STATUS round trips on
+    // separate connections; each server bounded by the connect timeout).
+    let measured = client.probe_servers().await;
     client.close().await.ok();
     println!(
         "node {} (site {}): {:?}, term {}",
@@ -395,7 +398,51 @@ pub async fn status(a: StatusArgs) -> Result<ExitCode> {
             if srv.serving { "" } else { " not serving" }
         );
     }
+    print!("{}", servers_table(&measured));
     Ok(ExitCode::SUCCESS)
+}
+
+/// The servers as this client sees them: round-trip time and which one it
+/// uses (`*`).
+fn servers_table(servers: &[ServerStatus]) -> String {
+    let dash = || "-".to_string();
+    let rows: Vec<[String; 6]> = servers
+        .iter()
+        .map(|k| {
+            [
+                if k.primary { "*" } else { "" }.to_string(),
+                k.address.clone(),
+                k.node_id.map_or_else(dash, |n| n.to_string()),
+                k.site.clone().unwrap_or_else(dash),
+                k.rtt
+                    .map_or_else(dash, |d| format!("{:.2} ms", d.as_secs_f64() * 1000.0)),
+                match (k.serving, &k.probe_error) {
+                    (_, Some(e)) => format!("probe failed: {e}"),
+                    (Some(false), None) => "not serving".to_string(),
+                    (Some(true), None) => "serving".to_string(),
+                    (None, None) => dash(),
+                },
+            ]
+        })
+        .collect();
+    let header = ["", "ADDRESS", "NODE", "SITE", "RTT", "STATE"].map(String::from);
+    let mut widths = [0usize; 6];
+    for row in std::iter::once(&header).chain(&rows) {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut out = String::from("servers as this client sees them (* = primary):\n");
+    for row in std::iter::once(&header).chain(&rows) {
+        let line: Vec<String> = row
+            .iter()
+            .zip(widths)
+            .map(|(cell, w)| format!("{cell:<w$}"))
+            .collect();
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
 }
 
 /// Whether the server at `addr` serves a HELLO (used by `oclocks dev`).

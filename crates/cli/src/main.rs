@@ -7,6 +7,7 @@
 
 mod certs;
 mod client_cmds;
+mod cluster_cmds;
 mod dev;
 
 use std::path::PathBuf;
@@ -54,6 +55,9 @@ enum Command {
     Locks(client_cmds::LocksArgs),
     /// Show the server's status.
     Status(client_cmds::StatusArgs),
+    /// The cluster's members: list them, remove one.
+    #[command(subcommand)]
+    Cluster(cluster_cmds::ClusterCmd),
 }
 
 #[derive(Subcommand)]
@@ -144,6 +148,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Refresh(a) => runtime()?.block_on(client_cmds::refresh(a)),
         Command::Locks(a) => runtime()?.block_on(client_cmds::locks(a)),
         Command::Status(a) => runtime()?.block_on(client_cmds::status(a)),
+        Command::Cluster(c) => runtime()?.block_on(cluster_cmds::run(c)),
     }
 }
 

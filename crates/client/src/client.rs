@@ -23,8 +23,9 @@ use tokio::time::Instant;
 use crate::config::{ClientConfig, RESERVED_IN_FLIGHT};
 use crate::conn::{
     body_name, close_established, dial_round, round_error, Answer, Command, Connector, Dial,
-    Endpoints, Pending, PendingKind, Settings, Shared, Status, Task, Ticket,
+    Pending, PendingKind, Settings, Shared, Status, Task, Ticket,
 };
+use crate::endpoints::{redirect_servers, Endpoints, ServerStatus};
 use crate::error::Error;
 use crate::guard::{HeldGrant, LockGuard, ReleaseOutcome};
 use crate::identity::{load_or_create_client_id, unix_micros, Counter, OwnerKey};
@@ -51,6 +52,8 @@ struct Inner {
     counter: Counter,
     owner_ids: AtomicU64,
     request_timeout: Duration,
+    /// Asks the prober for a round.
+    probe_tx: mpsc::UnboundedSender<oneshot::Sender<()>>,
 }
 
 impl std::fmt::Debug for Inner {
@@ -92,10 +95,17 @@ pub struct SessionInfo {
     pub last_error: Option<String>,
     /// The servers the last HELLO_OK listed.
     pub servers: Vec<ServerInfo>,
+    /// Every server the client knows (configured and learned), with the
+    /// measured round-trip times and the primary marked (as
+    /// [`Client::servers`]).
+    pub known_servers: Vec<ServerStatus>,
     /// Connections established (HELLO_OK received) so far.
     pub connects: u64,
     /// How many of them started a new session (the first one included).
     pub new_sessions: u64,
+    /// How many connections were moves to a clearly faster server (each
+    /// resumed the session; they count in `connects` too).
+    pub switches: u64,
 }
 
 /// Who holds a lock and how many wait (QUERY).
@@ -114,6 +124,18 @@ pub struct LockPage {
     pub locks: Vec<LockInfo>,
     /// Pass it as the cursor for the next page; `None` = last page.
     pub next_cursor: Option<String>,
+}
+
+/// `known` with the connected endpoint marked primary.
+fn with_primary(
+    mut known: Vec<ServerStatus>,
+    connected: bool,
+    endpoint: Option<&str>,
+) -> Vec<ServerStatus> {
+    for k in &mut known {
+        k.primary = connected && endpoint == Some(k.address.as_str());
+    }
+    known
 }
 
 /// A duration in whole milliseconds, rounded up (so a sub-millisecond
@@ -170,10 +192,15 @@ impl Client {
             connect_timeout: config.connect_timeout,
             limits: config.limits.clone(),
         });
-        let endpoints = Endpoints::new(config.endpoints.clone(), config.learn_endpoints);
-        let mut est = match dial_round(dial.clone(), endpoints.round_order(), None).await {
-            (Some(est), _) => est,
-            (None, failures) => return Err(round_error(failures)),
+        let mut endpoints = Endpoints::new(config.endpoints.clone(), config.learn_endpoints);
+        let learn = config.learn_endpoints;
+        let (est, failures) = dial_round(dial.clone(), endpoints.round_order(), None, learn).await;
+        for (_, e) in &failures {
+            endpoints.learn(redirect_servers(e));
+        }
+        let mut est = match est {
+            Some(est) => est,
+            None => return Err(round_error(failures)),
         };
         if est.hello.resumed {
             tracing::info!(
@@ -184,9 +211,14 @@ impl Client {
             );
             close_established(&mut est, &config.limits).await?;
             let pin = Some(est.hello.cluster_id);
-            est = match dial_round(dial.clone(), endpoints.round_order(), pin).await {
-                (Some(est), _) => est,
-                (None, failures) => return Err(round_error(failures)),
+            let (again, failures) =
+                dial_round(dial.clone(), endpoints.round_order(), pin, learn).await;
+            for (_, e) in &failures {
+                endpoints.learn(redirect_servers(e));
+            }
+            est = match again {
+                Some(est) => est,
+                None => return Err(round_error(failures)),
             };
             if est.hello.resumed {
                 return Err(Error::Protocol {
@@ -206,8 +238,10 @@ impl Client {
             request_timeout: config.request_timeout,
             backoff_min: config.reconnect_backoff_min,
             backoff_max: config.reconnect_backoff_max,
+            probe_interval: Some(config.probe_interval).filter(|d| !d.is_zero()),
         };
-        let task = Task::new(shared.clone(), dial, settings, endpoints, cmd_rx);
+        let (probe_tx, probe_rx) = mpsc::unbounded_channel();
+        let task = Task::new(shared.clone(), dial, settings, endpoints, cmd_rx, probe_rx);
         tokio::spawn(task.start(est));
         Ok(Client {
             inner: Arc::new(Inner {
@@ -220,6 +254,7 @@ impl Client {
                 counter: Counter::default(),
                 owner_ids: AtomicU64::new(1),
                 request_timeout: config.request_timeout,
+                probe_tx,
             }),
         })
     }
@@ -265,6 +300,7 @@ impl Client {
     pub fn session(&self) -> SessionInfo {
         let s = lock(&self.inner.shared.status).clone();
         let now = Instant::now();
+        let known_servers = with_primary(s.known, s.connected, s.endpoint.as_deref());
         SessionInfo {
             client_id: self.client_id(),
             cluster_id: self.cluster_id(),
@@ -279,10 +315,37 @@ impl Client {
                 .and_then(|d| d.checked_duration_since(now))
                 .filter(|d| !d.is_zero()),
             last_error: s.last_error,
+            known_servers,
             servers: s.servers,
             connects: s.connects,
             new_sessions: s.new_sessions,
+            switches: s.switches,
         }
+    }
+
+    /// Every server the client knows — configured, and learned from
+    /// HELLO_OK and UNAVAILABLE replies — with the round-trip time its last
+    /// probe measured, and the one connected to now marked `primary`.
+    /// Measurements run in the background (see
+    /// [`ClientConfig::probe_interval`]); [`Client::probe_servers`]
+    /// measures now.
+    pub fn servers(&self) -> Vec<ServerStatus> {
+        let s = lock(&self.inner.shared.status);
+        with_primary(s.known.clone(), s.connected, s.endpoint.as_deref())
+    }
+
+    /// Measure every known server now (a probe round: a few STATUS round
+    /// trips each, one server at a time, each bounded by `connect_timeout`)
+    /// and return [`Client::servers`] with the results. Measuring alone
+    /// never moves the client; the scheduled rounds do.
+    pub async fn probe_servers(&self) -> Vec<ServerStatus> {
+        let (tx, rx) = oneshot::channel();
+        if self.inner.probe_tx.send(tx).is_ok() {
+            // An error: the prober is gone with the connection task; report
+            // what is known.
+            let _ = rx.await;
+        }
+        self.servers()
     }
 
     /// Who holds the lock and how many wait.
@@ -358,6 +421,18 @@ impl Client {
                 .await?,
         )?;
         Ok(ok.token)
+    }
+
+    /// Remove server `node_id` from the cluster (REMOVE_SERVER; the
+    /// client's identity must be an administrator). Refused with
+    /// `INVALID` when the remaining voters could not form a quorum.
+    pub async fn remove_server(&self, node_id: u64) -> Result<(), Error> {
+        let body = RequestBody::RemoveServer { node_id };
+        expect_ok(
+            "REMOVE_SERVER",
+            self.call_default("REMOVE_SERVER", body, false).await?,
+        )?;
+        Ok(())
     }
 
     /// The connected server's view of itself and the cluster.

@@ -83,10 +83,19 @@ pub struct ClientConfig {
     /// client's own traffic; callers beyond the rest wait for a slot.
     #[serde(default = "defaults::requests_in_flight_max")]
     pub requests_in_flight_max: usize,
-    /// Add the serving servers a HELLO_OK lists to the endpoints tried on
-    /// reconnect (a client given one endpoint learns the others).
+    /// Add the serving servers a HELLO_OK (or an UNAVAILABLE refusal)
+    /// lists to the endpoints tried on reconnect (a client given one
+    /// endpoint learns the others).
     #[serde(default = "defaults::learn_endpoints")]
     pub learn_endpoints: bool,
+    /// How often the client measures the round-trip time to every known
+    /// server (a few STATUS requests each, on a separate short-lived
+    /// connection), to connect to the fastest one and move to a clearly
+    /// faster one. The first round runs at connect. `"0"`: no scheduled
+    /// measuring (endpoints are then tried in configured order, the last
+    /// one that worked first).
+    #[serde(default = "defaults::probe_interval", with = "duration_serde")]
+    pub probe_interval: Duration,
     /// Wire limits the codec enforces (defaults: PROTOCOL.md section 9).
     #[serde(default)]
     pub limits: Limits,
@@ -116,6 +125,9 @@ mod defaults {
     pub fn learn_endpoints() -> bool {
         true
     }
+    pub fn probe_interval() -> Duration {
+        Duration::from_secs(30)
+    }
 }
 
 impl ClientConfig {
@@ -142,6 +154,7 @@ impl ClientConfig {
             reconnect_backoff_max: defaults::backoff_max(),
             requests_in_flight_max: defaults::requests_in_flight_max(),
             learn_endpoints: defaults::learn_endpoints(),
+            probe_interval: defaults::probe_interval(),
             limits: Limits::default(),
         }
     }
@@ -221,6 +234,9 @@ impl ClientConfig {
             if u64::try_from(d.as_millis()).is_err() {
                 return bad(field, "too large".into());
             }
+        }
+        if u64::try_from(self.probe_interval.as_millis()).is_err() {
+            return bad("probe_interval", "too large".into());
         }
         if self.reconnect_backoff_min > self.reconnect_backoff_max {
             return bad(
@@ -454,6 +470,7 @@ mod tests {
         );
         assert_eq!(c.session_timeout, Duration::from_secs(15));
         assert_eq!(c.requests_in_flight_max, 1024);
+        assert_eq!(c.probe_interval, Duration::from_secs(30));
     }
 
     #[test]
@@ -463,7 +480,7 @@ mod tests {
              client_id_file = \"client.id\"\nsession_timeout = \"5s\"\nrequest_timeout = \"1m\"\n\
              connect_timeout = \"750ms\"\nreconnect_backoff_min = \"10ms\"\n\
              reconnect_backoff_max = \"1s\"\nrequests_in_flight_max = 64\n\
-             learn_endpoints = false\n[limits]\nlock_name_bytes_max = 100\n"
+             learn_endpoints = false\nprobe_interval = \"0\"\n[limits]\nlock_name_bytes_max = 100\n"
         );
         let c = ClientConfig::from_toml_str(&text).unwrap();
         assert_eq!(c.server_name.as_deref(), Some("oclocks.internal"));
@@ -472,6 +489,7 @@ mod tests {
         assert_eq!(c.connect_timeout, Duration::from_millis(750));
         assert_eq!(c.requests_in_flight_max, 64);
         assert!(!c.learn_endpoints);
+        assert_eq!(c.probe_interval, Duration::ZERO);
         assert_eq!(c.limits.lock_name_bytes_max, 100);
         assert_eq!(c.limits.zone_name_bytes_max, 63);
         let again = ClientConfig::from_toml_str(&c.to_toml_string().unwrap()).unwrap();

@@ -20,11 +20,29 @@
 //!   given up (the server or its leader is stuck) and another is dialled.
 //! - **Reconnecting** ([`Task::reconnect`]): on any connection error, rounds
 //!   over the endpoints with exponential backoff and jitter ([`Backoff`]),
-//!   then HELLO again with the same client id; HELLO_OK's `resumed` and
-//!   `held` decide which guards fire. Requests that are safe to repeat
-//!   (LOCK with the same nonce, CANCEL, RELEASE, reads, ...) are resent on
-//!   the new connection; the others fail [`Error::Indeterminate`]. The lease
-//!   and TTL timers keep running while disconnected.
+//!   fastest measured server first ([`Endpoints::round_order`]; the server
+//!   just lost goes after the measured ones), then HELLO again with the
+//!   same client id; HELLO_OK's `resumed` and `held` decide which guards
+//!   fire. Requests that are safe to repeat (LOCK with the same nonce,
+//!   CANCEL, RELEASE, reads, ...) are resent on the new connection; the
+//!   others fail [`Error::Indeterminate`]. The lease and TTL timers keep
+//!   running while disconnected. A server that refuses HELLO with
+//!   UNAVAILABLE and names the serving servers sends the round there at
+//!   once ([`dial_round`]).
+//! - **Measuring and switching**: a [`Prober`] task beside this one times
+//!   STATUS round trips to every known server ([`crate::probe`]) and
+//!   reports each round here. After a scheduled round, if another server is
+//!   clearly faster than the primary ([`crate::endpoints`] has the rule),
+//!   the task moves there gracefully: once nothing that may not be resent
+//!   is in flight (and, for up to [`SWITCH_QUIET_WAIT`], nothing but
+//!   keepalives and waiting LOCKs), it opens the new stream (TCP + TLS)
+//!   while still serving the old connection; then, with the old connection
+//!   no longer read, HELLO with the same client id resumes the session on
+//!   the new server; only then is the old connection dropped and its
+//!   in-flight requests resent on the new one (waiting LOCKs with their
+//!   nonces). If the new server cannot be reached or refuses, the client
+//!   simply stays. Not reading the old connection during that HELLO keeps
+//!   its replies from racing the new HELLO_OK's list of held locks.
 //! - **Shutdown**: when every `Client` handle and guard is gone, the task
 //!   finishes what is in flight (bounded by the request timeout), sends
 //!   CLOSE and ends. [`Command::Close`] does the same at once.
@@ -49,18 +67,20 @@ use oclocks_proto::{
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
-use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit};
+use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit};
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::codec::FramedRead;
 
 use crate::backoff::Backoff;
 use crate::config::RESERVED_IN_FLIGHT;
+use crate::endpoints::{redirect_servers, Endpoints, ServerStatus};
 use crate::error::Error;
 use crate::guard::LostReason;
 use crate::inflight::InFlight;
 use crate::lease::{keepalive_interval, Lease};
 use crate::nonce::Nonces;
+use crate::probe::{ProbeReport, Prober};
 use crate::registry::{lock, GrantHandle, Registry};
 
 /// Background requests (CANCELs, RELEASEs of dropped guards) in flight at
@@ -111,8 +131,12 @@ pub(crate) struct Status {
     pub lease_deadline: Option<Instant>,
     pub last_error: Option<String>,
     pub servers: Vec<ServerInfo>,
+    /// Every known endpoint with its measurements (`primary` unset).
+    pub known: Vec<ServerStatus>,
     pub connects: u64,
     pub new_sessions: u64,
+    /// Moves to a faster server.
+    pub switches: u64,
 }
 
 /// Whether a caller's request has been handed to a connection, decided
@@ -293,7 +317,7 @@ fn read_error(endpoint: &str, err: oclocks_proto::CodecError) -> Error {
 
 /// Send one request and read until its final reply (skipping events), on a
 /// connection that is not yet served by the task.
-async fn exchange(
+pub(crate) async fn exchange(
     endpoint: &str,
     reader: &mut FramedRead<ReadHalf<BoxIo>, ResponseCodec>,
     writer: &mut WriteHalf<BoxIo>,
@@ -354,6 +378,95 @@ fn request_name(body: &RequestBody) -> &'static str {
     }
 }
 
+/// Open a stream to one endpoint (TCP and TLS), within `connect_timeout`.
+pub(crate) async fn open(dial: &Dial, endpoint: &str) -> Result<BoxIo, Error> {
+    let connect = dial.connector.connect(endpoint.to_owned());
+    match tokio::time::timeout(dial.connect_timeout, connect).await {
+        Ok(result) => result,
+        Err(_) => Err(Error::Connect {
+            endpoint: endpoint.to_owned(),
+            message: format!("not connected within {:?}", dial.connect_timeout),
+        }),
+    }
+}
+
+/// HELLO on an open stream, without a time bound of its own. `pin`: the
+/// cluster id the server must report.
+async fn hello_on(
+    dial: &Dial,
+    endpoint: &str,
+    io: BoxIo,
+    pin: Option<u128>,
+) -> Result<Established, Error> {
+    let (rd, mut writer) = tokio::io::split(io);
+    let mut reader = FramedRead::new(rd, ResponseCodec::new(dial.limits.clone()));
+    let hello = Request {
+        id: 1,
+        body: RequestBody::Hello(Hello {
+            protocol_version: PROTOCOL_VERSION,
+            client_id: dial.client_id,
+            session_timeout_ms: Some(millis(dial.session_timeout)),
+        }),
+    };
+    let sent_at = Instant::now();
+    let reply = exchange(endpoint, &mut reader, &mut writer, &dial.limits, hello).await?;
+    let hello = match reply {
+        ResponseBody::HelloOk(h) => h,
+        ResponseBody::Error(e) => return Err(Error::from_reply(e)),
+        other => {
+            return Err(Error::Protocol {
+                message: format!("{endpoint} answered HELLO with {}", body_name(&other)),
+            })
+        }
+    };
+    if hello.protocol_version != PROTOCOL_VERSION {
+        return Err(Error::Protocol {
+            message: format!(
+                "{endpoint} chose protocol version {}, this client speaks {PROTOCOL_VERSION}",
+                hello.protocol_version
+            ),
+        });
+    }
+    if hello.session_timeout_ms == 0 {
+        return Err(Error::Protocol {
+            message: format!("{endpoint} granted a session timeout of 0"),
+        });
+    }
+    if let Some(expected) = pin {
+        if hello.cluster_id != expected {
+            return Err(Error::ClusterMismatch {
+                endpoint: endpoint.to_owned(),
+                expected,
+                found: hello.cluster_id,
+            });
+        }
+    }
+    Ok(Established {
+        endpoint: endpoint.to_owned(),
+        reader,
+        writer,
+        hello,
+        sent_at,
+    })
+}
+
+/// HELLO on an open stream, within `connect_timeout`.
+pub(crate) async fn hello_within(
+    dial: &Dial,
+    endpoint: &str,
+    io: BoxIo,
+    pin: Option<u128>,
+) -> Result<Established, Error> {
+    let hello = hello_on(dial, endpoint, io, pin);
+    match tokio::time::timeout(dial.connect_timeout, hello).await {
+        Ok(result) => result,
+        Err(_) => Err(Error::Connect {
+            endpoint: endpoint.to_owned(),
+            message: format!("no HELLO_OK within {:?}", dial.connect_timeout),
+        }),
+    }
+}
+
 /// Connect to one endpoint and complete HELLO, within `connect_timeout`.
 /// `pin`: the cluster id the server must report.
 pub(crate) async fn establish(
@@ -363,56 +476,7 @@ pub(crate) async fn establish(
 ) -> Result<Established, Error> {
     let attempt = async {
         let io = dial.connector.connect(endpoint.to_owned()).await?;
-        let (rd, mut writer) = tokio::io::split(io);
-        let mut reader = FramedRead::new(rd, ResponseCodec::new(dial.limits.clone()));
-        let hello = Request {
-            id: 1,
-            body: RequestBody::Hello(Hello {
-                protocol_version: PROTOCOL_VERSION,
-                client_id: dial.client_id,
-                session_timeout_ms: Some(millis(dial.session_timeout)),
-            }),
-        };
-        let sent_at = Instant::now();
-        let reply = exchange(endpoint, &mut reader, &mut writer, &dial.limits, hello).await?;
-        let hello = match reply {
-            ResponseBody::HelloOk(h) => h,
-            ResponseBody::Error(e) => return Err(Error::from_reply(e)),
-            other => {
-                return Err(Error::Protocol {
-                    message: format!("{endpoint} answered HELLO with {}", body_name(&other)),
-                })
-            }
-        };
-        if hello.protocol_version != PROTOCOL_VERSION {
-            return Err(Error::Protocol {
-                message: format!(
-                    "{endpoint} chose protocol version {}, this client speaks {PROTOCOL_VERSION}",
-                    hello.protocol_version
-                ),
-            });
-        }
-        if hello.session_timeout_ms == 0 {
-            return Err(Error::Protocol {
-                message: format!("{endpoint} granted a session timeout of 0"),
-            });
-        }
-        if let Some(expected) = pin {
-            if hello.cluster_id != expected {
-                return Err(Error::ClusterMismatch {
-                    endpoint: endpoint.to_owned(),
-                    expected,
-                    found: hello.cluster_id,
-                });
-            }
-        }
-        Ok(Established {
-            endpoint: endpoint.to_owned(),
-            reader,
-            writer,
-            hello,
-            sent_at,
-        })
+        hello_on(dial, endpoint, io, pin).await
     };
     match tokio::time::timeout(dial.connect_timeout, attempt).await {
         Ok(result) => result,
@@ -425,14 +489,21 @@ pub(crate) async fn establish(
 
 /// Try the endpoints in order; the first that completes HELLO wins. Also
 /// returns the errors of the endpoints tried before it (all of them if none
-/// worked).
+/// worked). A server that refuses HELLO with UNAVAILABLE naming the serving
+/// servers (a quorum-only server does) does not end the round: with
+/// `learn`, the servers it names that the round does not include yet are
+/// tried next, at once. (The caller adds them to its [`Endpoints`] from the
+/// returned errors.)
 pub(crate) async fn dial_round(
     dial: Arc<Dial>,
     endpoints: Vec<String>,
     pin: Option<u128>,
+    learn: bool,
 ) -> (Option<Established>, Vec<(String, Error)>) {
     let mut failures = Vec::new();
-    for endpoint in endpoints {
+    let mut seen = endpoints.clone();
+    let mut queue: VecDeque<String> = endpoints.into();
+    while let Some(endpoint) = queue.pop_front() {
         match establish(&dial, &endpoint, pin).await {
             Ok(est) => return (Some(est), failures),
             Err(e) => {
@@ -440,7 +511,24 @@ pub(crate) async fn dial_round(
                     Error::ClusterMismatch { .. } | Error::CertificateRejected { .. } => {
                         tracing::error!(%endpoint, error = %e, "server refused")
                     }
+                    Error::Unavailable { .. } => {
+                        tracing::info!(%endpoint, error = %e, "server serves no clients now")
+                    }
                     _ => tracing::debug!(%endpoint, error = %e, "connect failed"),
+                }
+                if learn {
+                    // In the order listed, ahead of the rest of the round.
+                    let named: Vec<String> = redirect_servers(&e)
+                        .iter()
+                        .filter(|s| s.serving && !s.address.is_empty())
+                        .map(|s| s.address.clone())
+                        .filter(|a| !seen.contains(a))
+                        .collect();
+                    for address in named.into_iter().rev() {
+                        tracing::debug!(from = %endpoint, to = %address, "redirected");
+                        seen.push(address.clone());
+                        queue.push_front(address);
+                    }
                 }
                 failures.push((endpoint, e));
             }
@@ -482,65 +570,48 @@ pub(crate) async fn close_established(est: &mut Established, limits: &Limits) ->
     }
 }
 
-/// The endpoints to dial, in preference order. The seam for choosing by
-/// measured round-trip time later: today the preferred one is the last that
-/// worked, then the others in configured order, then learned ones.
-#[derive(Debug, Clone)]
-pub(crate) struct Endpoints {
-    list: Vec<String>,
-    preferred: usize,
-    learn: bool,
-}
-
-impl Endpoints {
-    pub fn new(configured: Vec<String>, learn: bool) -> Endpoints {
-        let mut list: Vec<String> = Vec::new();
-        for e in configured {
-            if !list.contains(&e) {
-                list.push(e);
-            }
-        }
-        Endpoints {
-            list,
-            preferred: 0,
-            learn,
-        }
-    }
-
-    /// The order for the next round: the preferred endpoint first, then the
-    /// others, rotating.
-    pub fn round_order(&self) -> Vec<String> {
-        let n = self.list.len();
-        (0..n)
-            .map(|i| self.list[(self.preferred + i) % n].clone())
-            .collect()
-    }
-
-    /// `endpoint` completed HELLO: prefer it next time.
-    pub fn mark_good(&mut self, endpoint: &str) {
-        if let Some(i) = self.list.iter().position(|e| e == endpoint) {
-            self.preferred = i;
-        }
-    }
-
-    /// Add the serving servers of a HELLO_OK or an UNAVAILABLE reply.
-    pub fn learn(&mut self, servers: &[ServerInfo]) {
-        if !self.learn {
-            return;
-        }
-        for s in servers.iter().filter(|s| s.serving) {
-            if !s.address.is_empty() && !self.list.contains(&s.address) {
-                tracing::debug!(address = %s.address, node = s.node_id, "learned endpoint");
-                self.list.push(s.address.clone());
-            }
-        }
-    }
-}
-
 /// Why [`Task::serve`] returned.
 enum Exit {
     Reconnect,
     Stop,
+    /// Moved to a faster server: serve this connection (HELLO done) next.
+    Switched(Box<Established>),
+}
+
+/// A move to a faster server, decided and not done yet.
+struct Switch {
+    endpoint: String,
+    /// When it was decided (the quiet wait runs from here).
+    decided: Instant,
+    /// The new stream being opened (TCP + TLS), once the connection allows.
+    opening: Option<BoxFuture<'static, Result<BoxIo, Error>>>,
+}
+
+/// Whether the connection allows a switch now.
+#[derive(Debug, PartialEq, Eq)]
+enum Readiness {
+    /// Never on this connection (CLOSE sent, shutting down).
+    Cancel,
+    /// A request that may not be resent is in flight: wait for its reply.
+    Blocked,
+    /// Resendable requests are in flight: wait until then for a quiet
+    /// moment, then resend them on the new connection.
+    Wait(Instant),
+    Ready,
+}
+
+/// How long a decided switch waits for a moment with nothing in flight but
+/// keepalives and waiting LOCKs, before it goes ahead and resends the
+/// (idempotent) requests in flight on the new connection.
+pub(crate) const SWITCH_QUIET_WAIT: Duration = Duration::from_secs(1);
+
+/// Aborts the task when dropped.
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// A live connection, as the task serves it.
@@ -592,11 +663,21 @@ async fn sleep_until_opt(at: Option<Instant>) {
     }
 }
 
+/// Await `f` if there is one; else never.
+async fn poll_opt<F: std::future::Future + Unpin>(f: Option<&mut F>) -> F::Output {
+    match f {
+        Some(f) => f.await,
+        None => std::future::pending().await,
+    }
+}
+
 /// The task's settings.
 pub(crate) struct Settings {
     pub request_timeout: Duration,
     pub backoff_min: Duration,
     pub backoff_max: Duration,
+    /// Scheduled probe rounds; `None`: on demand only.
+    pub probe_interval: Option<Duration>,
 }
 
 /// The connection task (see the module docs).
@@ -619,6 +700,18 @@ pub(crate) struct Task {
     stop: bool,
     /// When every handle is gone: the latest time to finish.
     shutdown_deadline: Option<Instant>,
+    /// Probe rounds' results.
+    probe_rx: mpsc::UnboundedReceiver<ProbeReport>,
+    /// Whether the prober may still report.
+    probe_open: bool,
+    /// The servers the prober measures.
+    targets: watch::Sender<Vec<String>>,
+    /// The prober, until [`Task::start`] spawns it.
+    prober: Option<Prober>,
+    /// The running prober; ends with the task.
+    _prober_task: Option<AbortOnDrop>,
+    /// A CLOSE asked for while a switch's HELLO was under way.
+    deferred_close: Option<oneshot::Sender<Result<(), Error>>>,
 }
 
 impl Task {
@@ -628,8 +721,18 @@ impl Task {
         settings: Settings,
         endpoints: Endpoints,
         cmd_rx: mpsc::UnboundedReceiver<Command>,
+        probe_asks: mpsc::UnboundedReceiver<oneshot::Sender<()>>,
     ) -> Task {
         let backoff = Backoff::new(settings.backoff_min, settings.backoff_max);
+        let (targets, targets_rx) = watch::channel(endpoints.addresses());
+        let (reports, probe_rx) = mpsc::unbounded_channel();
+        let prober = Prober {
+            dial: dial.clone(),
+            targets: targets_rx,
+            asks: probe_asks,
+            reports,
+            interval: settings.probe_interval,
+        };
         Task {
             lease: Lease::new(dial.session_timeout),
             shared,
@@ -644,6 +747,12 @@ impl Task {
             rng: StdRng::from_entropy(),
             stop: false,
             shutdown_deadline: None,
+            probe_rx,
+            probe_open: true,
+            targets,
+            prober: Some(prober),
+            _prober_task: None,
+            deferred_close: None,
         }
     }
 
@@ -651,8 +760,12 @@ impl Task {
     /// client's status is current when `connect` returns) and return the
     /// task's future: serve it, then reconnect and serve again until
     /// stopped.
+    /// The prober starts here too (its first round at once).
     pub fn start(mut self, first: Established) -> impl std::future::Future<Output = ()> + Send {
         self.on_hello(&first.endpoint, &first.hello, first.sent_at);
+        if let Some(prober) = self.prober.take() {
+            self._prober_task = Some(AbortOnDrop(tokio::spawn(prober.run())));
+        }
         self.run(first)
     }
 
@@ -669,8 +782,14 @@ impl Task {
                     None => break,
                 },
             };
-            if let Exit::Stop = self.serve(est).await {
-                break;
+            match self.serve(est).await {
+                Exit::Stop => break,
+                Exit::Reconnect => {}
+                Exit::Switched(est) => {
+                    self.on_hello(&est.endpoint, &est.hello, est.sent_at);
+                    self.publish(|s| s.switches += 1);
+                    next = Some(*est);
+                }
             }
         }
         self.publish(|s| {
@@ -687,6 +806,37 @@ impl Task {
 
     fn note_error(&self, message: String) {
         self.publish(|s| s.last_error = Some(message));
+    }
+
+    /// The endpoints changed: publish them, and tell the prober.
+    fn publish_endpoints(&self) {
+        let addresses = self.endpoints.addresses();
+        self.targets.send_if_modified(|t| {
+            let changed = *t != addresses;
+            if changed {
+                *t = addresses;
+            }
+            changed
+        });
+        let known = self.endpoints.snapshot();
+        self.publish(|s| s.known = known);
+    }
+
+    /// Record a probe round; answer who waited for it. Returns whether it
+    /// was a scheduled round (which may move the client).
+    fn on_probe_report(&mut self, report: Option<ProbeReport>) -> bool {
+        let Some(report) = report else {
+            self.probe_open = false;
+            return false;
+        };
+        for (endpoint, outcome) in &report.results {
+            self.endpoints.record_probe(endpoint, outcome);
+        }
+        self.publish_endpoints();
+        for waiter in report.waiters {
+            let _ = waiter.send(());
+        }
+        report.scheduled
     }
 
     /// The next instant a local timer is due: lease expiry, a TTL, the
@@ -777,10 +927,16 @@ impl Task {
             let order = self.endpoints.round_order();
             let dial = self.dial.clone();
             let pin = Some(self.shared.cluster_id);
-            tracing::debug!(?delay, round = self.backoff.attempts(), "reconnecting");
+            let learn = self.endpoints.learns();
+            tracing::debug!(
+                ?delay,
+                round = self.backoff.attempts(),
+                ?order,
+                "reconnecting"
+            );
             let attempt = async move {
                 tokio::time::sleep(delay).await;
-                dial_round(dial, order, pin).await
+                dial_round(dial, order, pin, learn).await
             };
             tokio::pin!(attempt);
             loop {
@@ -788,10 +944,9 @@ impl Task {
                 tokio::select! {
                     (est, failures) = &mut attempt => {
                         for (_, e) in &failures {
-                            if let Error::Unavailable { servers, .. } = e {
-                                self.endpoints.learn(servers);
-                            }
+                            self.endpoints.learn(redirect_servers(e));
                         }
+                        self.publish_endpoints();
                         if let Some(est) = est {
                             if let Some((endpoint, e)) = failures.last() {
                                 self.note_error(format!("{endpoint}: {e}"));
@@ -804,6 +959,11 @@ impl Task {
                         break;
                     },
                     cmd = self.cmd_rx.recv(), if !self.cmd_closed => self.on_command_offline(cmd),
+                    report = self.probe_rx.recv(), if self.probe_open => {
+                        // Recorded for the next round's order; nothing to
+                        // switch from.
+                        self.on_probe_report(report);
+                    },
                     _ = sleep_until_opt(wake) => self.on_wake(),
                 }
                 // Callers that gave up while no server was reachable were
@@ -827,8 +987,10 @@ impl Task {
         self.lease.on_ack(sent_at);
         let fired = lock(&self.shared.registry).on_hello(hello.resumed, &hello.held);
         self.backoff.reset();
-        self.endpoints.mark_good(endpoint);
+        self.endpoints
+            .mark_good(endpoint, hello.node_id, &hello.site);
         self.endpoints.learn(&hello.servers);
+        self.publish_endpoints();
         let deadline = self.lease.deadline();
         self.publish(|s| {
             s.connected = true;
@@ -857,7 +1019,7 @@ impl Task {
     }
 
     /// Serve one connection (its HELLO_OK applied) until it fails
-    /// (reconnect) or the task stops.
+    /// (reconnect), the client moves to a faster server, or the task stops.
     async fn serve(&mut self, est: Established) -> Exit {
         let Established {
             endpoint,
@@ -881,12 +1043,10 @@ impl Task {
         let interval = keepalive_interval(self.lease.timeout());
         let mut ticker = tokio::time::interval_at(Instant::now() + interval, interval);
         ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut switch: Option<Switch> = None;
 
         // What waited for a connection goes first, in order.
-        for p in std::mem::take(&mut self.user_queue) {
-            self.send(&mut conn, p);
-        }
-        self.pump_background(&mut conn);
+        self.flush_queues(&mut conn);
 
         loop {
             if self.stop {
@@ -894,6 +1054,7 @@ impl Task {
             }
             self.maybe_shutdown(&mut conn);
             let wake = self.next_wake();
+            let switch_wake = self.advance_switch(&conn, &mut switch);
             tokio::select! {
                 msg = conn.reader.next() => match msg {
                     Some(Ok(resp)) => {
@@ -921,18 +1082,225 @@ impl Task {
                         return self.lose(conn, reason);
                     }
                 },
+                report = self.probe_rx.recv(), if self.probe_open => {
+                    if self.on_probe_report(report) {
+                        self.reconsider_switch(&conn, &mut switch);
+                    }
+                },
+                opened = poll_opt(switch.as_mut().and_then(|s| s.opening.as_mut())) => {
+                    if let Some(sw) = switch.take() {
+                        match self.on_switch_opened(&mut conn, sw, opened).await {
+                            Ok(est) => {
+                                self.salvage(conn, "the client moved to a faster server");
+                                return Exit::Switched(Box::new(est));
+                            }
+                            Err(retry) => switch = retry,
+                        }
+                    }
+                },
+                _ = sleep_until_opt(switch_wake) => {},
                 _ = sleep_until_opt(wake) => self.on_wake(),
             }
         }
     }
 
+    /// What was queued while there was no connection to send it on (or
+    /// while a switch's HELLO was under way): send it now, in order.
+    fn flush_queues(&mut self, conn: &mut Conn) {
+        for p in std::mem::take(&mut self.user_queue) {
+            self.send(conn, p);
+        }
+        self.pump_background(conn);
+        if let Some(done) = self.deferred_close.take() {
+            self.on_command_online(conn, Some(Command::Close(done)));
+        }
+    }
+
+    /// After a scheduled probe round: decide (again) whether to move, and
+    /// where. A switch already opening its stream is left alone.
+    fn reconsider_switch(&self, conn: &Conn, switch: &mut Option<Switch>) {
+        if switch.as_ref().is_some_and(|s| s.opening.is_some()) {
+            return;
+        }
+        let target = self.endpoints.switch_target(&conn.endpoint);
+        match (target, switch.as_ref()) {
+            (Some(t), Some(s)) if s.endpoint == t => {}
+            (Some(t), _) => {
+                tracing::info!(from = %conn.endpoint, to = %t, "a clearly faster server: switching when the connection allows");
+                *switch = Some(Switch {
+                    endpoint: t,
+                    decided: Instant::now(),
+                    opening: None,
+                });
+            }
+            (None, Some(s)) => {
+                tracing::debug!(to = %s.endpoint, "switch no longer worth it");
+                *switch = None;
+            }
+            (None, None) => {}
+        }
+    }
+
+    /// Whether `conn` allows moving to another server now (see
+    /// [`Readiness`]): in-flight requests that are not safe to resend
+    /// block it; resendable ones make it wait for a quiet moment, at most
+    /// [`SWITCH_QUIET_WAIT`] after `decided`.
+    fn switch_readiness(&self, conn: &Conn, decided: Instant) -> Readiness {
+        if conn.close_sent || self.cmd_closed || self.stop {
+            return Readiness::Cancel;
+        }
+        let mut quiet = true;
+        for p in conn.inflight.values() {
+            match (&p.kind, &p.body) {
+                (PendingKind::Keepalive, _) => {}
+                (PendingKind::Close(_), _) => return Readiness::Cancel,
+                _ if !p.resend => return Readiness::Blocked,
+                // A waiting LOCK is resent with its nonce: no reason to wait.
+                (_, RequestBody::Lock(_)) => {}
+                _ => quiet = false,
+            }
+        }
+        let until = decided + SWITCH_QUIET_WAIT;
+        if quiet || Instant::now() >= until {
+            Readiness::Ready
+        } else {
+            Readiness::Wait(until)
+        }
+    }
+
+    /// Move a decided switch along: start opening the new stream when the
+    /// connection allows. Returns when to look again (quiet wait).
+    fn advance_switch(&self, conn: &Conn, switch: &mut Option<Switch>) -> Option<Instant> {
+        let sw = switch.as_mut()?;
+        if sw.opening.is_some() {
+            return None;
+        }
+        match self.switch_readiness(conn, sw.decided) {
+            Readiness::Cancel => {
+                *switch = None;
+                None
+            }
+            // Replies wake the loop.
+            Readiness::Blocked => None,
+            Readiness::Wait(until) => Some(until),
+            Readiness::Ready => {
+                let dial = self.dial.clone();
+                let endpoint = sw.endpoint.clone();
+                sw.opening = Some(Box::pin(async move { open(&dial, &endpoint).await }));
+                None
+            }
+        }
+    }
+
+    /// The new stream of a switch is open (or failed): HELLO on it while
+    /// the old connection waits. `Ok`: move (the caller drops the old
+    /// connection); `Err`: stay, with the switch to retry, if any.
+    async fn on_switch_opened(
+        &mut self,
+        conn: &mut Conn,
+        sw: Switch,
+        opened: Result<BoxIo, Error>,
+    ) -> Result<Established, Option<Switch>> {
+        let io = match opened {
+            Ok(io) => io,
+            Err(e) => {
+                self.switch_failed(&sw.endpoint, &e);
+                return Err(None);
+            }
+        };
+        match self.switch_readiness(conn, sw.decided) {
+            Readiness::Cancel => return Err(None),
+            Readiness::Blocked => {
+                // A request that may not be resent went out meanwhile: try
+                // again once it is answered.
+                return Err(Some(Switch {
+                    opening: None,
+                    ..sw
+                }));
+            }
+            Readiness::Wait(_) | Readiness::Ready => {}
+        }
+        match self.switch_hello(&sw.endpoint, io).await {
+            Some(est) => Ok(est),
+            None => {
+                // Stay: what arrived for the old connection meanwhile goes
+                // out on it now.
+                self.flush_queues(conn);
+                Err(None)
+            }
+        }
+    }
+
+    fn switch_failed(&mut self, endpoint: &str, e: &Error) {
+        tracing::warn!(endpoint, error = %e, "could not move to the faster server; staying");
+        self.endpoints.learn(redirect_servers(e));
+        self.endpoints
+            .demote(endpoint, Some(format!("switch failed: {e}")));
+        self.publish_endpoints();
+    }
+
+    /// HELLO (same client id: the session is resumed) on the new server's
+    /// stream. Meanwhile the old connection is not read, so nothing it
+    /// answers can race the new HELLO_OK's list of held locks; requests
+    /// and a CLOSE asked for meanwhile are queued.
+    async fn switch_hello(&mut self, endpoint: &str, io: BoxIo) -> Option<Established> {
+        let dial = self.dial.clone();
+        let pin = Some(self.shared.cluster_id);
+        let target = endpoint.to_owned();
+        let hello = async move { hello_within(&dial, &target, io, pin).await };
+        tokio::pin!(hello);
+        loop {
+            let wake = self.next_wake();
+            tokio::select! {
+                result = &mut hello => {
+                    return match result {
+                        Ok(est) => Some(est),
+                        Err(e) => {
+                            self.switch_failed(endpoint, &e);
+                            None
+                        }
+                    };
+                },
+                cmd = self.cmd_rx.recv(), if !self.cmd_closed => self.on_command_switching(cmd),
+                _ = sleep_until_opt(wake) => self.on_wake(),
+            }
+        }
+    }
+
+    fn on_command_switching(&mut self, cmd: Option<Command>) {
+        match cmd {
+            None => self.on_commands_closed(),
+            Some(Command::Submit(p)) => self.enqueue(*p),
+            Some(Command::Cancel { nonce }) => {
+                self.background.push_back(Self::cancel_pending(nonce))
+            }
+            Some(Command::Close(done)) => {
+                if self.deferred_close.is_some() {
+                    let _ = done.send(Err(Error::Closed));
+                } else {
+                    self.deferred_close = Some(done);
+                }
+            }
+        }
+    }
+
     /// The connection is gone: requeue what may be resent, fail the rest.
-    fn lose(&mut self, mut conn: Conn, reason: String) -> Exit {
+    fn lose(&mut self, conn: Conn, reason: String) -> Exit {
         tracing::warn!(endpoint = %conn.endpoint, %reason, "connection lost");
         self.publish(|s| {
             s.connected = false;
             s.last_error = Some(format!("{}: {reason}", conn.endpoint));
         });
+        // Dial the others first (by measured time); the next probe round
+        // measures this one again.
+        self.endpoints.demote(&conn.endpoint, None);
+        self.publish_endpoints();
+        self.salvage(conn, &reason)
+    }
+
+    /// Take the requests in flight off a connection that is being dropped:
+    /// requeue what may be resent, fail the rest.
+    fn salvage(&mut self, mut conn: Conn, reason: &str) -> Exit {
         let mut user = Vec::new();
         let mut background = Vec::new();
         for p in conn.inflight.drain_in_order() {

@@ -3,9 +3,15 @@
 //! A [`Client`] holds one session with the cluster over one mutually
 //! authenticated TLS 1.3 connection, and keeps it alive in the background:
 //! keepalives every third of the session timeout, reconnects with backoff
-//! and jitter (to any configured endpoint, with the same client id, so the
-//! session and its locks survive), and many requests pipelined on the one
-//! connection. Locks come back as [`LockGuard`]s carrying the fencing token.
+//! and jitter (to any configured or learned endpoint, fastest first, with
+//! the same client id, so the session and its locks survive), and many
+//! requests pipelined on the one connection. Locks come back as
+//! [`LockGuard`]s carrying the fencing token.
+//!
+//! The client measures the round-trip time to every server it knows in the
+//! background ([`ClientConfig::probe_interval`]) and moves its session to a
+//! clearly faster server when there is one — same client id, locks kept.
+//! [`Client::servers`] shows the servers, their times and the primary.
 //!
 //! ```no_run
 //! use std::time::Duration;
@@ -79,17 +85,20 @@ mod backoff;
 mod client;
 mod config;
 mod conn;
+mod endpoints;
 mod error;
 mod guard;
 mod identity;
 mod inflight;
 mod lease;
 mod nonce;
+mod probe;
 mod registry;
 mod tls;
 
 pub use client::{Client, LockBuilder, LockPage, LockState, SessionInfo};
 pub use config::{format_duration, parse_duration, ClientConfig};
+pub use endpoints::ServerStatus;
 pub use error::Error;
 pub use guard::{HeldGrant, LockGuard, LostReason, ReleaseOutcome};
 pub use identity::OwnerKey;

@@ -66,6 +66,12 @@ impl Node {
     /// Make certificates and a config with a `session_timeout_ms_default`,
     /// then start the server with --bootstrap and wait until it serves.
     pub fn start(session_timeout_ms: u64) -> Node {
+        Node::start_with(session_timeout_ms, &|_| String::new())
+    }
+
+    /// [`Node::start`] with extra top-level config lines for node `id`
+    /// (`extra(id)`, e.g. an `advertise_client`).
+    pub fn start_with(session_timeout_ms: u64, extra: &dyn Fn(usize) -> String) -> Node {
         let dir = tempfile::tempdir().expect("tempdir");
         let certs = dir.path().join("certs");
         let d = certs.to_str().expect("utf-8 path");
@@ -103,6 +109,7 @@ impl Node {
             } else {
                 format!("data{id}")
             };
+            let extra = extra(id);
             std::fs::write(
                 dir.path().join(format!("node{id}.toml")),
                 format!(
@@ -112,6 +119,7 @@ http = "{http}"
 data_dir = "{data}"
 admins = ["alice"]
 peers = [{peers}]
+{extra}
 [tls]
 ca = "certs/ca.pem"
 cert = "certs/node{id}.pem"

@@ -197,6 +197,9 @@ fn config(endpoints: &[&str]) -> ClientConfig {
     c.connect_timeout = Duration::from_secs(1);
     c.reconnect_backoff_min = Duration::from_millis(50);
     c.reconnect_backoff_max = Duration::from_millis(400);
+    // The scripted peers expect only the connections they script: no
+    // probe connections (the fake-cluster tests turn probing on).
+    c.probe_interval = Duration::ZERO;
     c
 }
 
@@ -1126,4 +1129,395 @@ async fn in_flight_slots_bound_callers() {
     peer.ok(a.id, ok).await;
     let c = peer.recv_op().await;
     assert!(matches!(c.body, RequestBody::CheckToken(_)));
+}
+
+// ----- Several servers: probing, the fastest primary, redirection -----
+
+/// How one fake server behaves.
+#[derive(Clone, Debug)]
+struct FakeServer {
+    node_id: u64,
+    /// Added before every STATUS_OK (the "distance" to this server).
+    status_delay: Duration,
+    /// Added before every OK to a BREAK.
+    break_delay: Duration,
+    /// `Some`: refuse HELLO with UNAVAILABLE naming these servers.
+    redirect: Option<Vec<ServerInfo>>,
+}
+
+fn fake(node_id: u64, status_delay: Duration) -> FakeServer {
+    FakeServer {
+        node_id,
+        status_delay,
+        break_delay: Duration::ZERO,
+        redirect: None,
+    }
+}
+
+fn server_info(node_id: u64, address: &str, serving: bool) -> ServerInfo {
+    ServerInfo {
+        node_id,
+        address: address.into(),
+        site: format!("site{node_id}"),
+        serving,
+        role: None,
+        config_version: None,
+        lag: None,
+    }
+}
+
+/// What the fake cluster saw, per endpoint.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Seen {
+    Hello {
+        client_id: u128,
+        resumed: bool,
+    },
+    Refused,
+    Status,
+    Keepalive,
+    Lock(u64),
+    Release(u64),
+    Break,
+    /// A connection that had completed HELLO ended.
+    SessionConnClosed,
+}
+
+/// A tiny in-memory cluster behind [`MockNet`]: every connection the
+/// client opens is answered by the fake server of its endpoint. Sessions
+/// (by client id) and their locks are shared by all servers, as a real
+/// cluster's are; nothing else about a real server is imitated.
+#[derive(Clone)]
+struct FakeCluster {
+    log: Arc<StdMutex<Vec<(String, Seen)>>>,
+}
+
+type Sessions = Arc<StdMutex<std::collections::HashMap<u128, Vec<HeldLock>>>>;
+
+impl FakeCluster {
+    fn start(mut accepts: Accepts, servers: Vec<(&str, FakeServer)>) -> FakeCluster {
+        let servers: std::collections::HashMap<String, FakeServer> = servers
+            .into_iter()
+            .map(|(e, s)| (e.to_owned(), s))
+            .collect();
+        let cluster = FakeCluster {
+            log: Arc::default(),
+        };
+        let sessions: Sessions = Arc::default();
+        let c = cluster.clone();
+        tokio::spawn(async move {
+            while let Some((endpoint, io)) = accepts.recv().await {
+                let server = servers
+                    .get(&endpoint)
+                    .cloned()
+                    .unwrap_or_else(|| panic!("no fake server at {endpoint}"));
+                tokio::spawn(c.clone().serve(endpoint, server, io, sessions.clone()));
+            }
+        });
+        cluster
+    }
+
+    fn note(&self, endpoint: &str, seen: Seen) {
+        self.log.lock().unwrap().push((endpoint.to_owned(), seen));
+    }
+
+    fn seen(&self, endpoint: &str) -> Vec<Seen> {
+        let log = self.log.lock().unwrap();
+        log.iter()
+            .filter(|(e, _)| e == endpoint)
+            .map(|(_, s)| s.clone())
+            .collect()
+    }
+
+    fn count(&self, endpoint: &str, what: &Seen) -> usize {
+        self.seen(endpoint).iter().filter(|s| *s == what).count()
+    }
+
+    async fn serve(
+        self,
+        endpoint: String,
+        server: FakeServer,
+        io: DuplexStream,
+        sessions: Sessions,
+    ) {
+        let mut io = Framed::new(io, RequestCodec::default());
+        let mut client = None;
+        let mut next_token = server.node_id * 1000;
+        while let Some(Ok(req)) = io.next().await {
+            let body = match req.body {
+                RequestBody::Hello(h) => {
+                    if let Some(servers) = &server.redirect {
+                        self.note(&endpoint, Seen::Refused);
+                        ResponseBody::Error(ErrorReply {
+                            code: ErrorCode::Unavailable,
+                            message: "this server only votes".into(),
+                            holders: vec![],
+                            leader_id: None,
+                            servers: servers.clone(),
+                        })
+                    } else {
+                        let mut all = sessions.lock().unwrap();
+                        let resumed = all.contains_key(&h.client_id);
+                        let held = all.entry(h.client_id).or_default().clone();
+                        drop(all);
+                        client = Some(h.client_id);
+                        self.note(
+                            &endpoint,
+                            Seen::Hello {
+                                client_id: h.client_id,
+                                resumed,
+                            },
+                        );
+                        ResponseBody::HelloOk(HelloOk {
+                            protocol_version: 1,
+                            cluster_id: CLUSTER,
+                            resumed,
+                            session_timeout_ms: h.session_timeout_ms.unwrap_or(15_000),
+                            node_id: server.node_id,
+                            site: format!("site{}", server.node_id),
+                            config_version: 1,
+                            held,
+                            waits: vec![],
+                            servers: vec![],
+                        })
+                    }
+                }
+                RequestBody::Status => {
+                    self.note(&endpoint, Seen::Status);
+                    tokio::time::sleep(server.status_delay).await;
+                    ResponseBody::StatusOk(oclocks_proto::StatusOk {
+                        node_id: server.node_id,
+                        site: format!("site{}", server.node_id),
+                        role: oclocks_proto::Role::Follower,
+                        term: 1,
+                        leader_id: Some(1),
+                        config_version: 1,
+                        applied_index: 1,
+                        servers: vec![],
+                    })
+                }
+                RequestBody::Keepalive => {
+                    self.note(&endpoint, Seen::Keepalive);
+                    ResponseBody::Ok(OkReply::default())
+                }
+                RequestBody::Lock(l) => {
+                    next_token += 1;
+                    let token = next_token;
+                    self.note(&endpoint, Seen::Lock(token));
+                    let id = client.expect("LOCK after HELLO");
+                    sessions
+                        .lock()
+                        .unwrap()
+                        .entry(id)
+                        .or_default()
+                        .push(HeldLock {
+                            zone: l.zone,
+                            name: l.name,
+                            token,
+                            mode: l.mode,
+                            kind: l.kind,
+                        });
+                    ResponseBody::Ok(granted(token))
+                }
+                RequestBody::Release(r) => {
+                    self.note(&endpoint, Seen::Release(r.token));
+                    let id = client.expect("RELEASE after HELLO");
+                    if let Some(held) = sessions.lock().unwrap().get_mut(&id) {
+                        held.retain(|h| h.token != r.token);
+                    }
+                    ResponseBody::Ok(OkReply::default())
+                }
+                RequestBody::Break(_) => {
+                    self.note(&endpoint, Seen::Break);
+                    tokio::time::sleep(server.break_delay).await;
+                    ResponseBody::Ok(OkReply::default())
+                }
+                _ => ResponseBody::Ok(OkReply::default()),
+            };
+            if io.send(Response { id: req.id, body }).await.is_err() {
+                break;
+            }
+        }
+        if client.is_some() {
+            self.note(&endpoint, Seen::SessionConnClosed);
+        }
+    }
+}
+
+fn probing_config(endpoints: &[&str]) -> ClientConfig {
+    let mut c = config(endpoints);
+    c.probe_interval = Duration::from_secs(30);
+    c
+}
+
+/// Two servers, the first configured one slow: the first probe round
+/// measures both, and the client moves to the fast one with a graceful
+/// switch — HELLO there with the same client id, the session resumed, the
+/// lock kept, keepalives carrying on — and stays there.
+#[tokio::test(start_paused = true)]
+async fn probes_pick_the_fastest_server_and_keep_the_session() {
+    let (net, accepts) = MockNet::new();
+    let cluster = FakeCluster::start(
+        accepts,
+        vec![
+            ("slow:1", fake(1, Duration::from_millis(40))),
+            ("fast:1", fake(2, Duration::from_millis(1))),
+        ],
+    );
+    let client = Client::connect_with(probing_config(&["slow:1", "fast:1"]), net.clone())
+        .await
+        .unwrap();
+    assert_eq!(client.session().endpoint.as_deref(), Some("slow:1"));
+    let guard = client.lock("z", "n").try_once().acquire().await.unwrap();
+
+    eventually("moved to the fast server", || {
+        client.session().endpoint.as_deref() == Some("fast:1")
+    })
+    .await;
+    let s = client.session();
+    assert_eq!((s.connects, s.new_sessions, s.switches), (2, 1, 1));
+    let id = client.client_id();
+    assert_eq!(
+        cluster.seen("fast:1").first(),
+        Some(&Seen::Status),
+        "measured before moving"
+    );
+    assert!(cluster.seen("fast:1").contains(&Seen::Hello {
+        client_id: id,
+        resumed: true
+    }));
+    eventually("the old connection is closed", || {
+        cluster.count("slow:1", &Seen::SessionConnClosed) == 1
+    })
+    .await;
+
+    let servers = client.servers();
+    assert_eq!(servers, s.known_servers);
+    let slow = servers.iter().find(|k| k.address == "slow:1").unwrap();
+    let fast = servers.iter().find(|k| k.address == "fast:1").unwrap();
+    assert!(fast.primary && !slow.primary);
+    assert_eq!((slow.node_id, fast.node_id), (Some(1), Some(2)));
+    assert_eq!(fast.site.as_deref(), Some("site2"));
+    let (slow_rtt, fast_rtt) = (slow.rtt.unwrap(), fast.rtt.unwrap());
+    assert!(slow_rtt >= Duration::from_millis(40), "{slow_rtt:?}");
+    assert!(fast_rtt < Duration::from_millis(20), "{fast_rtt:?}");
+    assert_eq!(fast.serving, Some(true));
+
+    // The lock survived the move, keepalives go to the new server, and
+    // the lease holds; later rounds do not move the client again.
+    let keepalives_before = cluster.count("fast:1", &Seen::Keepalive);
+    tokio::time::sleep(Duration::from_secs(65)).await;
+    assert!(!guard.is_lost());
+    assert!(client.session().lease_remaining.is_some());
+    assert!(cluster.count("fast:1", &Seen::Keepalive) > keepalives_before + 50);
+    let s = client.session();
+    assert_eq!((s.switches, s.endpoint.as_deref()), (1, Some("fast:1")));
+    assert!(
+        cluster.count("slow:1", &Seen::Status) >= 3 * 3,
+        "three rounds of three probes"
+    );
+    let token = guard.token();
+    guard.release().await.unwrap();
+    assert!(cluster.seen("fast:1").contains(&Seen::Release(token)));
+}
+
+/// A request that may not be resent (BREAK without a token) holds a
+/// decided switch back until its reply is in: it never becomes
+/// indeterminate because of a switch.
+#[tokio::test(start_paused = true)]
+async fn switch_waits_for_requests_that_cannot_be_resent() {
+    let (net, accepts) = MockNet::new();
+    let mut slow = fake(1, Duration::from_millis(40));
+    // Within the request timeout (2 s).
+    slow.break_delay = Duration::from_millis(1200);
+    let cluster = FakeCluster::start(
+        accepts,
+        vec![
+            ("slow:1", slow),
+            ("fast:1", fake(2, Duration::from_millis(1))),
+        ],
+    );
+    let client = Client::connect_with(probing_config(&["slow:1", "fast:1"]), net.clone())
+        .await
+        .unwrap();
+    let c = client.clone();
+    let brk = tokio::spawn(async move { c.break_lock("z", "n", None).await });
+    // The probe round ends (and the switch is decided) long before the
+    // BREAK is answered.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(cluster.count("slow:1", &Seen::Break), 1);
+    assert_eq!(client.session().endpoint.as_deref(), Some("slow:1"));
+    let answered = brk.await.unwrap();
+    assert!(
+        answered.is_ok(),
+        "answered, not indeterminate: {answered:?}"
+    );
+    eventually("moved after the reply", || client.session().switches == 1).await;
+    assert_eq!(client.session().endpoint.as_deref(), Some("fast:1"));
+}
+
+/// Without measurements there is no switch; `probe_servers` measures on
+/// demand and reports, without moving the client.
+#[tokio::test(start_paused = true)]
+async fn probe_servers_measures_on_demand() {
+    let (net, accepts) = MockNet::new();
+    let cluster = FakeCluster::start(
+        accepts,
+        vec![
+            ("slow:1", fake(1, Duration::from_millis(40))),
+            ("fast:1", fake(2, Duration::from_millis(1))),
+        ],
+    );
+    let client = Client::connect_with(config(&["slow:1", "fast:1"]), net.clone())
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(cluster.count("fast:1", &Seen::Status), 0, "probing is off");
+    assert!(client.servers().iter().all(|k| k.rtt.is_none()));
+    let servers = client.probe_servers().await;
+    assert!(servers.iter().all(|k| k.rtt.is_some()), "{servers:?}");
+    assert!(servers[0].primary && servers[0].address == "slow:1");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(client.session().switches, 0);
+}
+
+/// A quorum-only server refuses HELLO with UNAVAILABLE and names the
+/// serving servers: the client learns them and goes there in the same
+/// round, not failing the connect.
+#[tokio::test(start_paused = true)]
+async fn unavailable_hello_redirects_to_the_listed_server() {
+    let (net, accepts) = MockNet::new();
+    let mut quorum = fake(1, Duration::from_millis(1));
+    quorum.redirect = Some(vec![
+        server_info(1, "quorum:1", false),
+        server_info(2, "serve:1", true),
+    ]);
+    let cluster = FakeCluster::start(
+        accepts,
+        vec![
+            ("quorum:1", quorum),
+            ("serve:1", fake(2, Duration::from_millis(1))),
+        ],
+    );
+    let client = Client::connect_with(config(&["quorum:1"]), net.clone())
+        .await
+        .unwrap();
+    let s = client.session();
+    assert_eq!(s.endpoint.as_deref(), Some("serve:1"));
+    assert_eq!(s.connects, 1);
+    assert_eq!(cluster.seen("quorum:1"), vec![Seen::Refused]);
+    let servers = client.servers();
+    let addresses: Vec<&str> = servers.iter().map(|k| k.address.as_str()).collect();
+    assert_eq!(addresses, vec!["quorum:1", "serve:1"]);
+    assert_eq!(servers[0].serving, Some(false));
+    assert!(servers[1].primary);
+
+    // With learning off, the refusal is the answer.
+    let mut fixed = config(&["quorum:1"]);
+    fixed.learn_endpoints = false;
+    let err = Client::connect_with(fixed, net.clone()).await.unwrap_err();
+    assert!(
+        matches!(&err, Error::Unavailable { servers, .. } if servers.len() == 2),
+        "{err:?}"
+    );
 }
