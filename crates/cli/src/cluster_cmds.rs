@@ -3,7 +3,8 @@
 //! `members` prints what STATUS reports of every member (id, client
 //! address, site, role, replication lag as the leader sees it); `remove`
 //! sends REMOVE_SERVER (administrators only), which the leader refuses when
-//! the remaining voters could not form a quorum. Exit status 0 on success,
+//! the remaining voters could not form a quorum; `promote` sends
+//! PROMOTE_SERVER (administrators only), the approval of a new voter. Exit status 0 on success,
 //! 1 with a one-line message otherwise.
 
 use std::process::ExitCode;
@@ -20,6 +21,9 @@ pub enum ClusterCmd {
     Members(MembersArgs),
     /// Remove a server from the cluster (administrators).
     Remove(RemoveArgs),
+    /// Make a learner a voter: approve a node that joined without being
+    /// listed in the servers' `voters` or `peers` (administrators).
+    Promote(RemoveArgs),
 }
 
 #[derive(Args)]
@@ -30,7 +34,7 @@ pub struct MembersArgs {
 
 #[derive(Args)]
 pub struct RemoveArgs {
-    /// The node id to remove.
+    /// The node id.
     node: u64,
     #[command(flatten)]
     client: ClientArgs,
@@ -75,6 +79,14 @@ pub async fn run(cmd: ClusterCmd) -> Result<ExitCode> {
             client.close().await.ok();
             r?;
             println!("node {} removed", a.node);
+            Ok(ExitCode::SUCCESS)
+        }
+        ClusterCmd::Promote(a) => {
+            let client = a.client.connect(None).await?;
+            let r = client.promote_server(a.node).await;
+            client.close().await.ok();
+            r?;
+            println!("node {} is a voter", a.node);
             Ok(ExitCode::SUCCESS)
         }
     }

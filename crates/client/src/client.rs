@@ -423,6 +423,18 @@ impl Client {
         Ok(ok.token)
     }
 
+    /// Make learner `node_id` a voter (PROMOTE_SERVER; administrators): the
+    /// administrator's approval of a node that joined without being listed
+    /// in the servers' `voters` or `peers`.
+    pub async fn promote_server(&self, node_id: u64) -> Result<(), Error> {
+        let body = RequestBody::PromoteServer { node_id };
+        expect_ok(
+            "PROMOTE_SERVER",
+            self.call_default("PROMOTE_SERVER", body, true).await?,
+        )?;
+        Ok(())
+    }
+
     /// Remove server `node_id` from the cluster (REMOVE_SERVER; the
     /// client's identity must be an administrator). Refused with
     /// `INVALID` when the remaining voters could not form a quorum.

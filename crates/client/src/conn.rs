@@ -375,6 +375,7 @@ fn request_name(body: &RequestBody) -> &'static str {
         RequestBody::Unwatch(_) => "UNWATCH",
         RequestBody::Status => "STATUS",
         RequestBody::RemoveServer { .. } => "REMOVE_SERVER",
+        RequestBody::PromoteServer { .. } => "PROMOTE_SERVER",
     }
 }
 

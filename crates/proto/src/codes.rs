@@ -209,6 +209,8 @@ codes! {
         STATUS = 0x7501;
         /// Action: remove a server from the cluster (administrators).
         REMOVE_SERVER = 0x7502;
+        /// Action: make a learner a voter (administrators).
+        PROMOTE_SERVER = 0x7503;
         /// str: a server's client address (`host:port`).
         ADDRESS = 0x8501;
         /// str: a site label.

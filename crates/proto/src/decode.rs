@@ -479,6 +479,9 @@ fn build_request(action: u16, fields: &mut Fields) -> Result<Request, DecodeErro
         cluster::REMOVE_SERVER => RequestBody::RemoveServer {
             node_id: t.u64(cluster::NODE_ID)?,
         },
+        cluster::PROMOTE_SERVER => RequestBody::PromoteServer {
+            node_id: t.u64(cluster::NODE_ID)?,
+        },
         _ => {
             return Err(DecodeError::UnexpectedAction {
                 action: codes::name(action),

@@ -251,6 +251,7 @@ pub(crate) fn request_action(body: &RequestBody) -> u16 {
         RequestBody::Unwatch(_) => lock::UNWATCH,
         RequestBody::Status => cluster::STATUS,
         RequestBody::RemoveServer { .. } => cluster::REMOVE_SERVER,
+        RequestBody::PromoteServer { .. } => cluster::PROMOTE_SERVER,
     }
 }
 
@@ -294,7 +295,9 @@ impl Encode for Request {
                 w.sig(&l.owner_sig);
             }
             RequestBody::Cancel { nonce } => w.u64(lock::NONCE, *nonce),
-            RequestBody::RemoveServer { node_id } => w.u64(cluster::NODE_ID, *node_id),
+            RequestBody::RemoveServer { node_id } | RequestBody::PromoteServer { node_id } => {
+                w.u64(cluster::NODE_ID, *node_id)
+            }
             RequestBody::Release(r) => {
                 w.str(lock::ZONE, &r.zone)?;
                 w.str(lock::NAME, &r.name)?;

@@ -77,6 +77,8 @@ pub enum RequestBody {
     Status,
     /// REMOVE_SERVER: take a server out of the cluster (administrators).
     RemoveServer { node_id: u64 },
+    /// PROMOTE_SERVER: make a learner a voter (administrators).
+    PromoteServer { node_id: u64 },
 }
 
 /// HELLO's fields.

@@ -106,6 +106,7 @@ fn request_body() -> impl Strategy<Value = RequestBody> {
             ),
         num().prop_map(|nonce| RequestBody::Cancel { nonce }),
         num().prop_map(|node_id| RequestBody::RemoveServer { node_id }),
+        num().prop_map(|node_id| RequestBody::PromoteServer { node_id }),
         (zone(), name(), num(), sig()).prop_map(|(zone, name, token, owner_sig)| {
             RequestBody::Release(Release {
                 zone,

@@ -8,9 +8,12 @@
 //!
 //! Membership rules:
 //! - A node joins through any server: the request reaches the leader, which
-//!   adds it as a learner, waits until it has caught up, then (unless its
-//!   role is `learner`) promotes it to voter. Joining again with the same
-//!   incarnation is a no-op (a restarted node), so every node asks on start.
+//!   adds it as a learner and waits until it has caught up. It becomes a
+//!   voter only if it is approved — its node id is in the leader's
+//!   `voters`, or its address in the leader's `peers` — and its own role is
+//!   not `learner`; otherwise it stays a learner until an administrator
+//!   promotes it (PROMOTE_SERVER). Joining again with the same incarnation
+//!   is a no-op (a restarted node), so every node asks on start.
 //! - A node id already in the membership with another incarnation is a
 //!   wiped data directory: refused, with what to do.
 //! - A removal is refused when the voters that would remain could not form
@@ -56,7 +59,16 @@ pub struct Cluster {
     pub member: Member,
     /// A voter the leader heard from within this window counts as live.
     pub live_window: Duration,
+    approved: Approved,
     changes: tokio::sync::Mutex<()>,
+}
+
+/// The voters this server's config approves: node ids (`voters`) and
+/// addresses (`peers`).
+#[derive(Clone, Debug, Default)]
+pub struct Approved {
+    pub ids: Vec<NodeId>,
+    pub addrs: Vec<String>,
 }
 
 fn wiped(node: NodeId, recorded: u64, presented: u64) -> String {
@@ -76,6 +88,7 @@ impl Cluster {
         identity: DataIdentity,
         member: Member,
         live_window: Duration,
+        approved: Approved,
     ) -> Cluster {
         Cluster {
             node,
@@ -84,8 +97,14 @@ impl Cluster {
             identity,
             member,
             live_window,
+            approved,
             changes: tokio::sync::Mutex::new(()),
         }
+    }
+
+    /// Whether this node's config approves `id` at `addr` as a voter.
+    fn approved(&self, id: NodeId, addr: &str) -> bool {
+        self.approved.ids.contains(&id) || self.approved.addrs.iter().any(|a| a == addr)
     }
 
     fn me(&self) -> NodeId {
@@ -299,11 +318,52 @@ impl Cluster {
         }
         let voter = self.node.members().iter().any(|(n, _, v)| *n == id && *v);
         if req.member.role.votes() && !voter {
-            tracing::info!(node = id, "promoting to voter");
-            self.change(ChangeMembers::AddVoterIds(BTreeSet::from([id])))
-                .await?;
+            if self.approved(id, &req.member.addr) {
+                tracing::info!(node = id, "promoting to voter");
+                self.change(ChangeMembers::AddVoterIds(BTreeSet::from([id])))
+                    .await?;
+            } else {
+                tracing::warn!(
+                    node = id,
+                    "joined as a learner: it is neither in `voters` nor in `peers`; it becomes \
+                     a voter when an administrator runs `oclocks cluster promote {id}`"
+                );
+            }
         }
         Ok(cluster)
+    }
+
+    /// An administrator's approval: make learner `id` a voter (forwarded to
+    /// the leader from any server).
+    pub async fn promote(&self, id: NodeId) -> Result<(), ForwardError> {
+        if !self.node.is_leader() {
+            return match self
+                .to_leader(PeerRequest::Promote(id), JOIN_TIMEOUT)
+                .await?
+            {
+                PeerResponse::Promoted(r) => r,
+                other => Err(ForwardError::Unavailable(format!(
+                    "leader answered {}",
+                    other.kind()
+                ))),
+            };
+        }
+        let _one_at_a_time = self.changes.lock().await;
+        let members = self.node.members();
+        let Some((_, m, voter)) = members.iter().find(|(n, _, _)| *n == id) else {
+            return Err(ForwardError::Refused(format!("node {id} is not a member")));
+        };
+        if *voter {
+            return Ok(());
+        }
+        if m.role == MemberRole::Learner {
+            return Err(ForwardError::Refused(format!(
+                "node {id} runs with role = \"learner\": change its config to make it a voter"
+            )));
+        }
+        tracing::warn!(node = id, "audit: promoting a learner to voter");
+        self.change(ChangeMembers::AddVoterIds(BTreeSet::from([id])))
+            .await
     }
 
     /// Remove node `id` (forwarded to the leader from any server).
@@ -473,6 +533,7 @@ impl PeerHandler for Cluster {
                 PeerRequest::ReadIndex => PeerResponse::ReadIndex(self.proposer.read_index().await),
                 PeerRequest::Join(req) => PeerResponse::Joined(self.admit(req).await),
                 PeerRequest::Remove(id) => PeerResponse::Removed(self.remove(id).await),
+                PeerRequest::Promote(id) => PeerResponse::Promoted(self.promote(id).await),
             }
         })
     }

@@ -159,6 +159,12 @@ pub struct ServerConfig {
     /// of them), `host:port`; empty for the first node (`--bootstrap`).
     #[serde(default)]
     pub peers: Vec<String>,
+    /// Node ids approved as voters: a joining node listed here (or whose
+    /// address is in `peers`) is promoted once caught up; any other stays a
+    /// learner until an administrator promotes it (`oclocks cluster
+    /// promote`). List the same on every server.
+    #[serde(default)]
+    pub voters: Vec<u64>,
     /// Identities (certificate CN or URI SAN) allowed to BREAK locks.
     #[serde(default)]
     pub admins: Vec<String>,

@@ -670,6 +670,23 @@ async fn handle(
                 Err(e) => propose_error(id, e.into()),
             })
         }
+        RequestBody::PromoteServer { node_id } => {
+            if !admin {
+                return Some(reply::error(
+                    id,
+                    ErrorCode::Forbidden,
+                    "PROMOTE_SERVER needs a client certificate whose identity is listed in the server's `admins`",
+                ));
+            }
+            tracing::warn!(identity = %caller.identity, node = node_id, "audit: PROMOTE_SERVER");
+            Some(match ctx.cluster.promote(node_id).await {
+                Ok(()) => reply::done(id),
+                Err(crate::peer::ForwardError::Refused(m)) => {
+                    reply::error(id, ErrorCode::Invalid, m)
+                }
+                Err(e) => propose_error(id, e.into()),
+            })
+        }
     }
 }
 

@@ -10,7 +10,7 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
-use crate::cluster::Cluster;
+use crate::cluster::{Approved, Cluster};
 use crate::config::ServerConfig;
 use crate::conn::{self, Ctx};
 use crate::driver::{tick_loop, KeepaliveBatcher};
@@ -137,6 +137,10 @@ pub async fn run(
         identity,
         member,
         Duration::from_millis(2 * cfg.raft.election_timeout_ms_max),
+        Approved {
+            ids: cfg.voters.clone(),
+            addrs: cfg.peers.clone(),
+        },
     ));
     let keepalive = KeepaliveBatcher::start(proposer.clone(), heartbeat / 4);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);

@@ -115,6 +115,7 @@ pub enum PeerRequest {
     ReadIndex,
     Join(JoinRequest),
     Remove(NodeId),
+    Promote(NodeId),
 }
 
 /// A response to a peer.
@@ -133,6 +134,7 @@ pub enum PeerResponse {
     /// Joined: the cluster id.
     Joined(Result<u128, ForwardError>),
     Removed(Result<(), ForwardError>),
+    Promoted(Result<(), ForwardError>),
 }
 
 impl PeerResponse {
@@ -148,6 +150,7 @@ impl PeerResponse {
             PeerResponse::ReadIndex(_) => "ReadIndex",
             PeerResponse::Joined(_) => "Joined",
             PeerResponse::Removed(_) => "Removed",
+            PeerResponse::Promoted(_) => "Promoted",
         }
     }
 }
