@@ -12,6 +12,8 @@
 
 #![allow(dead_code)]
 
+pub mod cluster;
+
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -300,50 +302,20 @@ pub struct RawConn {
         oclocks_proto::ResponseCodec,
     >,
     next_id: u64,
+    /// Final replies read while waiting for another request's.
+    early: Vec<oclocks_proto::Response>,
 }
 
 impl RawConn {
     pub async fn connect(node: &Node, who: &str) -> RawConn {
-        use rustls::pki_types::pem::PemObject;
-        use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
-        let certs = node.path("certs");
-        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-        let mut roots = rustls::RootCertStore::empty();
-        for c in CertificateDer::pem_file_iter(certs.join("ca.pem")).expect("ca") {
-            roots.add(c.expect("ca cert")).expect("add ca");
-        }
-        let chain: Vec<CertificateDer<'static>> =
-            CertificateDer::pem_file_iter(certs.join(format!("{who}.pem")))
-                .expect("cert")
-                .map(|c| c.expect("cert"))
-                .collect();
-        let key = PrivateKeyDer::from_pem_file(certs.join(format!("{who}.key"))).expect("key");
-        let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .expect("tls13")
-            .with_root_certificates(roots)
-            .with_client_auth_cert(chain, key)
-            .expect("client auth");
-        cfg.alpn_protocols = vec![oclocks_proto::ALPN_CLIENT.to_vec()];
-        let tcp = tokio::net::TcpStream::connect(node.addr)
-            .await
-            .expect("tcp");
-        let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
-            .connect(ServerName::try_from("127.0.0.1").expect("name"), tcp)
-            .await
-            .expect("tls handshake");
-        let framed = tokio_util::codec::Framed::new(
-            tls,
-            oclocks_proto::ResponseCodec::new(oclocks_proto::Limits::default()),
-        );
-        let mut c = RawConn { framed, next_id: 1 };
-        let hello = c
-            .request(oclocks_proto::RequestBody::Hello(oclocks_proto::Hello {
-                protocol_version: oclocks_proto::PROTOCOL_VERSION,
-                client_id: rand_client_id(),
-                session_timeout_ms: None,
-            }))
-            .await;
+        RawConn::connect_at(node.addr, &node.path("certs"), who).await
+    }
+
+    /// Connect to `addr` as `who` (certificates in `certs`) and HELLO; the
+    /// HELLO must succeed.
+    pub async fn connect_at(addr: SocketAddr, certs: &Path, who: &str) -> RawConn {
+        let mut c = RawConn::open(addr, certs, who).await;
+        let hello = c.hello(rand_client_id(), None).await;
         assert!(
             matches!(hello, oclocks_proto::ResponseBody::HelloOk(_)),
             "{hello:?}"
@@ -351,37 +323,133 @@ impl RawConn {
         c
     }
 
-    /// Send one request and return its final reply (events are skipped).
-    pub async fn request(
+    /// Only the TLS handshake (ALPN `oclocks/1`): no HELLO yet.
+    pub async fn open(addr: SocketAddr, certs: &Path, who: &str) -> RawConn {
+        let tls = tls_connect(addr, certs, who, oclocks_proto::ALPN_CLIENT)
+            .await
+            .expect("tls handshake");
+        let framed = tokio_util::codec::Framed::new(
+            tls,
+            oclocks_proto::ResponseCodec::new(oclocks_proto::Limits::default()),
+        );
+        RawConn {
+            framed,
+            next_id: 1,
+            early: Vec::new(),
+        }
+    }
+
+    /// Send HELLO and return its reply.
+    pub async fn hello(
         &mut self,
-        body: oclocks_proto::RequestBody,
+        client_id: u128,
+        session_timeout_ms: Option<u64>,
     ) -> oclocks_proto::ResponseBody {
-        use futures::{SinkExt, StreamExt};
+        self.request(oclocks_proto::RequestBody::Hello(oclocks_proto::Hello {
+            protocol_version: oclocks_proto::PROTOCOL_VERSION,
+            client_id,
+            session_timeout_ms,
+        }))
+        .await
+    }
+
+    /// Send one request without waiting for its reply; returns its id.
+    pub async fn send(&mut self, body: oclocks_proto::RequestBody) -> u64 {
+        use futures::SinkExt;
         let id = self.next_id;
         self.next_id += 1;
         self.framed
             .send(oclocks_proto::Request { id, body })
             .await
             .expect("send");
+        id
+    }
+
+    /// The final reply to request `id` (events and QUEUED are skipped);
+    /// `None` if the connection ends first (bytes that do not decode
+    /// panic). Final replies to other requests
+    /// that arrive first are kept for their own `reply_to`.
+    pub async fn reply_to(&mut self, id: u64) -> Option<oclocks_proto::ResponseBody> {
+        use futures::StreamExt;
+        if let Some(i) = self.early.iter().position(|r| r.id == id) {
+            return Some(self.early.remove(i).body);
+        }
         loop {
-            let r = self
-                .framed
-                .next()
-                .await
-                .expect("connection open")
-                .expect("decodes");
-            if r.id == id && !matches!(r.body, oclocks_proto::ResponseBody::Queued { .. }) {
-                return r.body;
+            let r = match self.framed.next().await? {
+                Ok(r) => r,
+                Err(e) => panic!("a reply that does not decode: {e}"),
+            };
+            if r.id == 0 || matches!(r.body, oclocks_proto::ResponseBody::Queued { .. }) {
+                continue;
+            }
+            if r.id == id {
+                return Some(r.body);
+            }
+            if !matches!(r.body, oclocks_proto::ResponseBody::WatchEvent(_)) {
+                self.early.push(r);
             }
         }
     }
+
+    /// Send one request and return its final reply (events are skipped).
+    pub async fn request(
+        &mut self,
+        body: oclocks_proto::RequestBody,
+    ) -> oclocks_proto::ResponseBody {
+        let id = self.send(body).await;
+        self.reply_to(id).await.expect("connection open")
+    }
 }
 
-fn rand_client_id() -> u128 {
+/// The rustls client configuration of `who` (certificates in `certs`),
+/// TLS 1.3 only, offering `alpn`.
+pub fn tls_client_config(certs: &Path, who: &str, alpn: &[u8]) -> rustls::ClientConfig {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(certs.join("ca.pem")).expect("ca") {
+        roots.add(c.expect("ca cert")).expect("add ca");
+    }
+    let chain: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_file_iter(certs.join(format!("{who}.pem")))
+            .expect("cert")
+            .map(|c| c.expect("cert"))
+            .collect();
+    let key = PrivateKeyDer::from_pem_file(certs.join(format!("{who}.key"))).expect("key");
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("tls13")
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)
+        .expect("client auth");
+    cfg.alpn_protocols = vec![alpn.to_vec()];
+    cfg
+}
+
+/// A TLS 1.3 connection to `addr` as `who`, offering ALPN `alpn`.
+pub async fn tls_connect(
+    addr: SocketAddr,
+    certs: &Path,
+    who: &str,
+    alpn: &[u8],
+) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    let cfg = tls_client_config(certs, who, alpn);
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").expect("name");
+    tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
+        .connect(name, tcp)
+        .await
+}
+
+pub fn rand_client_id() -> u128 {
+    use std::sync::atomic::{AtomicU64, Ordering};
     use std::time::{SystemTime, UNIX_EPOCH};
+    static SEQ: AtomicU64 = AtomicU64::new(1);
     let t = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_nanos())
         .unwrap_or(0);
-    t ^ (u128::from(std::process::id()) << 64)
+    let seq = u128::from(SEQ.fetch_add(1, Ordering::Relaxed));
+    t ^ (u128::from(std::process::id()) << 64) ^ (seq << 96)
 }
