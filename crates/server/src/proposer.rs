@@ -173,17 +173,25 @@ impl Proposer {
     /// Forward `op` to the leader this node knows of.
     async fn forward(&self, op: Op) -> Result<Reply, ProposeError> {
         let (leader, member) = self.leader()?;
-        let resp = self
-            .net
-            .call(
-                &member.addr,
-                Some(leader),
-                Some(member.incarnation),
-                PeerRequest::Forward(op),
-                FORWARD_TIMEOUT,
-            )
-            .await
-            .map_err(unreachable)?;
+        let call = self.net.call(
+            &member.addr,
+            Some(leader),
+            Some(member.incarnation),
+            PeerRequest::Forward(op),
+            FORWARD_TIMEOUT,
+        );
+        // A leader that stops answering (paused, partitioned) is replaced
+        // after an election timeout: stop waiting for it then, rather than
+        // for the whole forward deadline, so clients retry on the new one.
+        let resp = tokio::select! {
+            r = call => r.map_err(unreachable)?,
+            () = self.leader_changes_from(leader) => {
+                return Err(ProposeError::Unavailable(format!(
+                    "leader {leader} was replaced while a forwarded command waited; \
+                     its outcome is unknown"
+                )));
+            }
+        };
         match resp {
             PeerResponse::Forwarded(Ok(applied)) => {
                 self.node
@@ -197,6 +205,21 @@ impl Proposer {
                 "leader answered {} to a forwarded command",
                 other.kind()
             ))),
+        }
+    }
+
+    /// Resolves once this node knows of a leader other than `leader` (or of
+    /// none, after it was `leader`).
+    async fn leader_changes_from(&self, leader: NodeId) {
+        let mut rx = self.node.raft().metrics();
+        loop {
+            if rx.borrow_and_update().current_leader != Some(leader) {
+                return;
+            }
+            if rx.changed().await.is_err() {
+                // Raft stopped: the call's own deadline ends the wait.
+                std::future::pending::<()>().await;
+            }
         }
     }
 
