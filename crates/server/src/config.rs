@@ -112,6 +112,9 @@ pub struct RaftConfig {
     pub election_timeout_ms_max: u64,
     /// Take a snapshot of the lock table every this many log entries.
     pub snapshot_every_entries: u64,
+    /// Log entries kept behind a snapshot, so a follower that lags by fewer
+    /// catches up from the log instead of receiving the whole snapshot.
+    pub logs_kept_after_snapshot: u64,
 }
 
 impl Default for RaftConfig {
@@ -121,6 +124,7 @@ impl Default for RaftConfig {
             election_timeout_ms_min: 500,
             election_timeout_ms_max: 1000,
             snapshot_every_entries: 20_000,
+            logs_kept_after_snapshot: 1_000,
         }
     }
 }

@@ -97,6 +97,7 @@ pub async fn run(
         election_timeout_min_ms: cfg.raft.election_timeout_ms_min,
         election_timeout_max_ms: cfg.raft.election_timeout_ms_max,
         snapshot_every_entries: cfg.raft.snapshot_every_entries,
+        logs_kept_after_snapshot: cfg.raft.logs_kept_after_snapshot,
         elect: cfg.role != MemberRole::QuorumOnly,
         ..RaftOptions::default()
     };

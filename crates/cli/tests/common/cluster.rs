@@ -75,6 +75,8 @@ pub struct ClusterOpts {
     pub admins: Vec<String>,
     /// How long startup (every node ready) may take.
     pub start_timeout: Duration,
+    /// `raft.snapshot_every_entries` and `raft.logs_kept_after_snapshot`.
+    pub snapshots: (u64, u64),
 }
 
 impl ClusterOpts {
@@ -89,7 +91,14 @@ impl ClusterOpts {
             election_timeout_ms_max: 1000,
             admins: vec!["alice".into()],
             start_timeout: Duration::from_secs(60),
+            snapshots: (20_000, 1_000),
         }
+    }
+
+    /// Snapshot every `every` entries, keeping `kept` log entries behind.
+    pub fn snapshots(mut self, every: u64, kept: u64) -> ClusterOpts {
+        self.snapshots = (every, kept);
+        self
     }
 
     pub fn roles(mut self, roles: &[NodeRole]) -> ClusterOpts {
@@ -371,6 +380,8 @@ timeout_ms_default = {session}
 heartbeat_ms = {hb}
 election_timeout_ms_min = {emin}
 election_timeout_ms_max = {emax}
+snapshot_every_entries = {snap}
+logs_kept_after_snapshot = {kept}
 "#,
             addr = n.addr,
             http = n.http,
@@ -379,6 +390,8 @@ election_timeout_ms_max = {emax}
             hb = o.heartbeat_ms,
             emin = o.election_timeout_ms_min,
             emax = o.election_timeout_ms_max,
+            snap = o.snapshots.0,
+            kept = o.snapshots.1,
         );
         std::fs::write(&n.config, text).expect("write node config");
     }
