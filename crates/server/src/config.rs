@@ -145,6 +145,9 @@ pub struct ServerConfig {
     /// from `advertise`, e.g. behind a client-side proxy.
     #[serde(default)]
     pub advertise_client: Option<String>,
+    /// Local address outgoing peer connections are bound to (default: any).
+    #[serde(default)]
+    pub peer_source_ip: Option<std::net::IpAddr>,
     /// `voter` (default), `learner` (replicates and serves clients, does not
     /// vote) or `quorum-only` (votes, never leads, serves no clients).
     #[serde(default)]

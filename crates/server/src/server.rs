@@ -105,7 +105,10 @@ pub async fn run(
         cfg.node_id,
         identity.clone(),
         peer_tls,
-        PeerNetOptions::default(),
+        PeerNetOptions {
+            source_ip: cfg.peer_source_ip,
+            ..PeerNetOptions::default()
+        },
     ));
     let (node, feed) = RaftNode::start_with_transport(
         NodeOptions {

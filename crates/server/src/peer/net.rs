@@ -39,12 +39,17 @@ const WRITE_QUEUE_MAX: usize = 1024;
 pub struct PeerNetOptions {
     /// TCP connect + TLS handshake + peer handshake, at most.
     pub dial_timeout: Duration,
+    /// Bind outgoing peer connections to this local address (multi-homed
+    /// hosts; the chaos tests give each node its own loopback address so a
+    /// fault proxy can tell who is calling).
+    pub source_ip: Option<std::net::IpAddr>,
 }
 
 impl Default for PeerNetOptions {
     fn default() -> Self {
         PeerNetOptions {
             dial_timeout: Duration::from_secs(3),
+            source_ip: None,
         }
     }
 }
@@ -190,7 +195,8 @@ impl PeerNet {
         let host = crate::split_host(addr).ok_or_else(|| unreachable("not host:port".into()))?;
         let name = ServerName::try_from(host.to_string())
             .map_err(|e| unreachable(format!("bad server name {host:?}: {e}")))?;
-        let tcp = TcpStream::connect(addr)
+        let tcp = self
+            .connect_tcp(addr)
             .await
             .map_err(|e| unreachable(e.to_string()))?;
         let _ = tcp.set_nodelay(true);
@@ -333,6 +339,26 @@ impl PeerNet {
             closed,
             welcome,
         })
+    }
+
+    async fn connect_tcp(&self, addr: &str) -> std::io::Result<TcpStream> {
+        let Some(ip) = self.opts.source_ip else {
+            return TcpStream::connect(addr).await;
+        };
+        let mut last = None;
+        for target in tokio::net::lookup_host(addr).await? {
+            let socket = if target.is_ipv4() {
+                tokio::net::TcpSocket::new_v4()?
+            } else {
+                tokio::net::TcpSocket::new_v6()?
+            };
+            socket.bind(std::net::SocketAddr::new(ip, 0))?;
+            match socket.connect(target).await {
+                Ok(s) => return Ok(s),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| std::io::Error::other("no address")))
     }
 
     /// Handshake with `addr` (dialling if needed) and return its welcome.
