@@ -108,8 +108,15 @@ where
         }
     });
     let slots = Arc::new(Semaphore::new(PEER_IN_FLIGHT_MAX));
+    // A refused request ends the connection (after its answer is queued).
+    let refused = Arc::new(tokio::sync::Notify::new());
     let mut tasks = tokio::task::JoinSet::new();
-    while let Some(next) = reader.next().await {
+    loop {
+        let next = tokio::select! {
+            n = reader.next() => n,
+            () = refused.notified() => break,
+        };
+        let Some(next) = next else { break };
         while tasks.try_join_next().is_some() {}
         let bytes = match next {
             Ok(b) => b,
@@ -134,14 +141,19 @@ where
         let Ok(permit) = slots.clone().acquire_owned().await else {
             break;
         };
-        let (h, hello, tx) = (handler.clone(), hello.clone(), tx.clone());
+        let (h, hello, tx, refused) = (handler.clone(), hello.clone(), tx.clone(), refused.clone());
         tasks.spawn(async move {
             let resp = h.handle(hello, frame.body).await;
+            let end = matches!(resp, PeerResponse::Refused(_));
             let _ = tx.send((frame.id, resp)).await;
+            if end {
+                refused.notify_one();
+            }
             drop(permit);
         });
     }
     tasks.abort_all();
     drop(tx);
     let _ = writer_task.await;
+    tracing::debug!(peer, "peer connection closed");
 }
