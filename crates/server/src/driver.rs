@@ -111,6 +111,11 @@ pub async fn tick_loop(
             proposer.request_rebase().await;
         }
         if let Some(term) = node.leader_term() {
+            if !proposer.quorum_fresh() {
+                // Unbroken quorum contact: time without it must not count
+                // against sessions even if nothing was proposed meanwhile.
+                proposer.request_rebase().await;
+            }
             if rebased_term != Some(term) {
                 // First command of the term this node leads: re-base, so
                 // every session gets a full timeout from this clock.

@@ -36,6 +36,8 @@ const APPLY_WAIT: Duration = Duration::from_secs(5);
 const LEADER_ATTEMPTS: usize = 4;
 /// Pause between those attempts.
 const LEADER_RETRY: Duration = Duration::from_millis(150);
+/// How often a leader that lost quorum contact looks for it again.
+const QUORUM_POLL: Duration = Duration::from_millis(10);
 
 /// Why a proposal did not produce a reply.
 #[derive(Debug, thiserror::Error)]
@@ -298,6 +300,13 @@ impl Proposer {
         Ok(read.map_or(0, |l| l.index))
     }
 
+    /// Whether a majority of voters answered this node within the bound.
+    pub fn quorum_fresh(&self) -> bool {
+        self.net
+            .quorum_contact_age(&self.node.voter_ids())
+            .is_some_and(|a| a <= self.quorum_bound)
+    }
+
     /// Stamp `op`, submit it here (this node must lead), and wait for its
     /// reply once applied. Used for this node's own clients and for
     /// operations forwarded by followers; never forwards further.
@@ -316,13 +325,28 @@ impl Proposer {
             // not reach a quorum must not count against sessions (their
             // keepalives could not commit either). Stamp nothing meanwhile;
             // the first command afterwards is a Rebase.
-            let age = self.net.quorum_contact_age(&self.node.voter_ids());
-            if age.is_none_or(|a| a > self.quorum_bound) {
+            if !self.quorum_fresh() {
                 st.rebase_pending = true;
-                return Err(ProposeError::Unavailable(format!(
-                    "the leader has not heard from a quorum for over {:?}",
-                    self.quorum_bound
-                )));
+                // A late heartbeat answer (a busy machine) is not a lost
+                // quorum: ask for a round now and give it one more bound
+                // before refusing. The lock is held meanwhile, so nothing
+                // is stamped with the stale view.
+                let _ = self.node.raft().trigger().heartbeat().await;
+                let deadline = Instant::now() + self.quorum_bound;
+                while !self.quorum_fresh() {
+                    if Instant::now() >= deadline {
+                        return Err(ProposeError::Unavailable(format!(
+                            "the leader has not heard from a quorum for over {:?}",
+                            self.quorum_bound
+                        )));
+                    }
+                    tokio::time::sleep(QUORUM_POLL).await;
+                }
+                if self.node.leader_term() != Some(term) {
+                    return Err(ProposeError::NotLeader {
+                        leader: self.node.current_leader(),
+                    });
+                }
             }
             if st.rebase_pending || self.clock.stalled() {
                 st.rebase_pending = false;
