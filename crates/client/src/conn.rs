@@ -1646,7 +1646,7 @@ impl Task {
         let token = ok.token?;
         let ttl_deadline = ok
             .expires_in_ms
-            .map(|ms| sent_at + Duration::from_millis(ms));
+            .map(|ms| crate::lease::ttl_believed_until(sent_at, Duration::from_millis(ms)));
         Some(GrantHandle::register(
             &self.shared.registry,
             &l.zone,

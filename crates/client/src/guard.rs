@@ -30,7 +30,8 @@ pub enum LostReason {
     SessionExpired,
     /// The grant's TTL passed: told by the cluster (LOST event), or the
     /// client's own conservative TTL deadline (request send time + the
-    /// `expires_in` the server reported) passed first.
+    /// `expires_in` the server reported − the lease margin,
+    /// [`crate::ttl_believed_until`]) passed first.
     TtlExpired,
     /// An operator broke the lock.
     Broken,
@@ -223,7 +224,11 @@ impl LockGuard {
                     self.expires_in = expires;
                     if let Some(g) = &self.grant {
                         g.with_registry(|r, t| {
-                            r.set_ttl_deadline(t, expires.map(|e| answer.sent_at + e))
+                            r.set_ttl_deadline(
+                                t,
+                                expires
+                                    .map(|e| crate::lease::ttl_believed_until(answer.sent_at, e)),
+                            )
                         });
                     }
                     Ok(expires)

@@ -35,6 +35,16 @@ pub fn lease_margin(timeout: Duration) -> Duration {
     (timeout / 10).max(LEASE_MARGIN_MIN).min(timeout / 2)
 }
 
+/// Until when a client may believe a grant with a TTL of `ttl` is still
+/// its own, the grant having been requested at `sent_at`: the send time
+/// plus the TTL minus the same margin as the lease ([`lease_margin`]), so a
+/// leader clock running a little fast, or jumping by less than the stall
+/// bound, expires the grant in the cluster only after the client stopped
+/// believing in it.
+pub fn ttl_believed_until(sent_at: Instant, ttl: Duration) -> Instant {
+    sent_at + ttl.saturating_sub(lease_margin(ttl))
+}
+
 /// The keepalive interval for a session timeout.
 pub fn keepalive_interval(timeout: Duration) -> Duration {
     (timeout / 3).max(Duration::from_millis(1))

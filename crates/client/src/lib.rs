@@ -102,7 +102,7 @@ pub use endpoints::ServerStatus;
 pub use error::Error;
 pub use guard::{HeldGrant, LockGuard, LostReason, ReleaseOutcome};
 pub use identity::OwnerKey;
-pub use lease::{keepalive_interval, lease_margin, LEASE_MARGIN_MIN};
+pub use lease::{keepalive_interval, lease_margin, ttl_believed_until, LEASE_MARGIN_MIN};
 pub use oclocks_proto::{
     ErrorCode, Holder, Kind, Limits, LockInfo, Mode, Role, ServerInfo, StatusOk,
 };
