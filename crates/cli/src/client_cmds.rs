@@ -48,7 +48,7 @@ pub struct ClientArgs {
 }
 
 impl ClientArgs {
-    fn client_config(&self) -> Result<ClientConfig> {
+    pub(crate) fn client_config(&self) -> Result<ClientConfig> {
         let mut cfg = match &self.config {
             Some(path) => ClientConfig::from_file(path)
                 .with_context(|| format!("client config {}", path.display()))?,

@@ -5,6 +5,7 @@
 //! turned into a plain call of a function in its module. Errors are printed
 //! as one line on stderr; exit codes are documented on each command.
 
+mod bench;
 mod certs;
 mod client_cmds;
 mod cluster_cmds;
@@ -58,6 +59,10 @@ enum Command {
     /// The cluster's members: list them, remove one.
     #[command(subcommand)]
     Cluster(cluster_cmds::ClusterCmd),
+    /// Measure the cluster with lockbench's workloads (uncontended,
+    /// contended, failover); markdown tables (or --json) on stdout. Exit
+    /// status 2 if a safety check failed.
+    Bench(Box<bench::BenchArgs>),
 }
 
 #[derive(Subcommand)]
@@ -149,6 +154,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Locks(a) => runtime()?.block_on(client_cmds::locks(a)),
         Command::Status(a) => runtime()?.block_on(client_cmds::status(a)),
         Command::Cluster(c) => runtime()?.block_on(cluster_cmds::run(c)),
+        // The bench builds its own runtime (worker threads: --threads).
+        Command::Bench(a) => bench::run(*a),
     }
 }
 
