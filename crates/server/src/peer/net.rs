@@ -15,7 +15,9 @@ use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
 use futures::{SinkExt, StreamExt};
-use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RemoteError, Unreachable};
+use openraft::error::{
+    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
+};
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
     VoteRequest, VoteResponse,
@@ -433,20 +435,57 @@ fn rpc_error<E: std::error::Error>(e: PeerCallError) -> RpcError<E> {
     }
 }
 
-fn wrong(addr: &str, sent: &'static str, got: &PeerResponse) -> PeerCallError {
-    PeerCallError::Protocol {
-        addr: addr.to_string(),
-        sent,
-        got: got.kind(),
-    }
-}
-
 /// The outer deadline ([`crate::raft::PeerClient`]) bounds Raft RPCs; this
 /// one only keeps a lost answer from pinning its slot for ever.
 const RAFT_CALL_TIMEOUT: Duration = Duration::from_secs(60);
 
 fn known(inc: u64) -> Option<u64> {
     (inc != 0).then_some(inc)
+}
+
+/// The answer to a Raft RPC, if the response is of its kind.
+type Picked<T, E> = Option<Result<T, RaftError<NodeId, E>>>;
+
+/// One Raft RPC to `target`: send `req`, take the answer `pick` accepts
+/// (the remote's own error becomes `RemoteError`), anything else is a
+/// protocol error.
+fn raft_call<T, E>(
+    net: &Arc<PeerNet>,
+    target: NodeId,
+    node: &Member,
+    req: PeerRequest,
+    name: &'static str,
+    pick: fn(PeerResponse) -> Picked<T, E>,
+) -> BoxFuture<'static, Result<T, RpcError<E>>>
+where
+    T: Send + 'static,
+    E: std::error::Error + Send + Sync + 'static,
+    RaftError<NodeId, E>: std::error::Error,
+{
+    let net = net.clone();
+    let node = node.clone();
+    Box::pin(async move {
+        let r = net
+            .call(
+                &node.addr,
+                Some(target),
+                known(node.incarnation),
+                req,
+                RAFT_CALL_TIMEOUT,
+            )
+            .await
+            .map_err(rpc_error)?;
+        let got = r.kind();
+        match pick(r) {
+            Some(Ok(r)) => Ok(r),
+            Some(Err(e)) => Err(RPCError::RemoteError(RemoteError::new(target, e))),
+            None => Err(rpc_error(PeerCallError::Protocol {
+                addr: node.addr.clone(),
+                sent: name,
+                got,
+            })),
+        }
+    })
 }
 
 impl PeerTransport for Arc<PeerNet> {
@@ -456,26 +495,10 @@ impl PeerTransport for Arc<PeerNet> {
         node: &Member,
         rpc: AppendEntriesRequest<TypeConfig>,
     ) -> BoxFuture<'static, Result<AppendEntriesResponse<NodeId>, RpcError>> {
-        let net = self.clone();
-        let node = node.clone();
-        Box::pin(async move {
-            let r = net
-                .call(
-                    &node.addr,
-                    Some(target),
-                    known(node.incarnation),
-                    PeerRequest::AppendEntries(rpc),
-                    RAFT_CALL_TIMEOUT,
-                )
-                .await
-                .map_err(rpc_error)?;
-            match r {
-                PeerResponse::AppendEntries(Ok(r)) => Ok(r),
-                PeerResponse::AppendEntries(Err(e)) => {
-                    Err(RPCError::RemoteError(RemoteError::new(target, e)))
-                }
-                other => Err(rpc_error(wrong(&node.addr, "AppendEntries", &other))),
-            }
+        let req = PeerRequest::AppendEntries(rpc);
+        raft_call(self, target, node, req, "AppendEntries", |r| match r {
+            PeerResponse::AppendEntries(r) => Some(r),
+            _ => None,
         })
     }
 
@@ -485,26 +508,10 @@ impl PeerTransport for Arc<PeerNet> {
         node: &Member,
         rpc: VoteRequest<NodeId>,
     ) -> BoxFuture<'static, Result<VoteResponse<NodeId>, RpcError>> {
-        let net = self.clone();
-        let node = node.clone();
-        Box::pin(async move {
-            let r = net
-                .call(
-                    &node.addr,
-                    Some(target),
-                    known(node.incarnation),
-                    PeerRequest::Vote(rpc),
-                    RAFT_CALL_TIMEOUT,
-                )
-                .await
-                .map_err(rpc_error)?;
-            match r {
-                PeerResponse::Vote(Ok(r)) => Ok(r),
-                PeerResponse::Vote(Err(e)) => {
-                    Err(RPCError::RemoteError(RemoteError::new(target, e)))
-                }
-                other => Err(rpc_error(wrong(&node.addr, "Vote", &other))),
-            }
+        let req = PeerRequest::Vote(rpc);
+        raft_call(self, target, node, req, "Vote", |r| match r {
+            PeerResponse::Vote(r) => Some(r),
+            _ => None,
         })
     }
 
@@ -515,26 +522,10 @@ impl PeerTransport for Arc<PeerNet> {
         rpc: InstallSnapshotRequest<TypeConfig>,
     ) -> BoxFuture<'static, Result<InstallSnapshotResponse<NodeId>, RpcError<InstallSnapshotError>>>
     {
-        let net = self.clone();
-        let node = node.clone();
-        Box::pin(async move {
-            let r = net
-                .call(
-                    &node.addr,
-                    Some(target),
-                    known(node.incarnation),
-                    PeerRequest::InstallSnapshot(rpc),
-                    RAFT_CALL_TIMEOUT,
-                )
-                .await
-                .map_err(rpc_error)?;
-            match r {
-                PeerResponse::InstallSnapshot(Ok(r)) => Ok(r),
-                PeerResponse::InstallSnapshot(Err(e)) => {
-                    Err(RPCError::RemoteError(RemoteError::new(target, e)))
-                }
-                other => Err(rpc_error(wrong(&node.addr, "InstallSnapshot", &other))),
-            }
+        let req = PeerRequest::InstallSnapshot(rpc);
+        raft_call(self, target, node, req, "InstallSnapshot", |r| match r {
+            PeerResponse::InstallSnapshot(r) => Some(r),
+            _ => None,
         })
     }
 }
