@@ -44,6 +44,12 @@ impl Backoff {
         half + Duration::from_nanos(rng.gen_range(0..=spread))
     }
 
+    /// The same schedule as if `attempts` rounds had passed.
+    pub fn after(mut self, attempts: u32) -> Backoff {
+        self.attempt = attempts;
+        self
+    }
+
     /// Start over (after a successful HELLO).
     pub fn reset(&mut self) {
         self.attempt = 0;

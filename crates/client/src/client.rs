@@ -603,6 +603,7 @@ impl Client {
             ticket: Some(ticket.clone()),
             permit: Some(permit),
             first_sent_at: None,
+            retries: 0,
         };
         self.inner
             .cmd_tx
@@ -806,6 +807,11 @@ impl LockBuilder {
                 });
             }
             Err(e @ (Error::NotSent { .. } | Error::Closed)) => return Err(e),
+            // May have taken effect (a forwarded LOCK committed before the
+            // leader changed; a server fault): `cancel` sends CANCEL.
+            Err(
+                e @ (Error::Internal { .. } | Error::NotLeader { .. } | Error::Unavailable { .. }),
+            ) => return Err(e),
             Err(e) => {
                 // A final ERROR: nothing is held, nothing to cancel.
                 cancel.armed = false;

@@ -29,6 +29,14 @@
 //!   running while disconnected. A server that refuses HELLO with
 //!   UNAVAILABLE and names the serving servers sends the round there at
 //!   once ([`dial_round`]).
+//! - **Retrying "not now"**: a request that is safe to repeat and is
+//!   answered `NOT_LEADER` or `UNAVAILABLE` (leadership moving, quorum
+//!   briefly lost) is sent again after a growing pause ([`RETRY_MIN`] to
+//!   [`RETRY_MAX`], jittered) instead of being reported: a caller's request
+//!   until its own deadline, a background RELEASE or CANCEL until it is
+//!   answered (or the client shuts down). A LOCK keeps its nonce (retired
+//!   only on a definite answer), so a retry finds a grant the first attempt
+//!   may have made.
 //! - **Measuring and switching**: a [`Prober`] task beside this one times
 //!   STATUS round trips to every known server ([`crate::probe`]) and
 //!   reports each round here. After a scheduled round, if another server is
@@ -90,6 +98,13 @@ pub(crate) const BACKGROUND_MAX: usize = RESERVED_IN_FLIGHT - 3;
 const KEEPALIVES_MAX: usize = 2;
 /// Bytes the writer coalesces into one write.
 const WRITE_BATCH_BYTES: usize = 256 * 1024;
+/// The first pause before a request answered `NOT_LEADER`/`UNAVAILABLE` is
+/// sent again (an election takes about an election timeout).
+pub(crate) const RETRY_MIN: Duration = Duration::from_millis(25);
+/// The longest such pause.
+pub(crate) const RETRY_MAX: Duration = Duration::from_secs(1);
+/// Every this many retries of one request, a warning is logged.
+const RETRY_WARN_EVERY: u32 = 8;
 
 /// A byte stream to a server (TLS in production).
 pub(crate) trait Io: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
@@ -216,6 +231,9 @@ pub(crate) struct Pending {
     pub permit: Option<OwnedSemaphorePermit>,
     /// When it was first sent.
     pub first_sent_at: Option<Instant>,
+    /// How many times a server answered it "not now" (`NOT_LEADER`,
+    /// `UNAVAILABLE`) and it was sent again; paces the next retry.
+    pub retries: u32,
 }
 
 impl Pending {
@@ -229,6 +247,7 @@ impl Pending {
             ticket: None,
             permit: None,
             first_sent_at: None,
+            retries: 0,
         }
     }
 
@@ -241,6 +260,7 @@ impl Pending {
             ticket: None,
             permit: None,
             first_sent_at: None,
+            retries: 0,
         }
     }
 
@@ -249,6 +269,27 @@ impl Pending {
             self.kind,
             PendingKind::Background | PendingKind::Cancel { .. }
         )
+    }
+
+    /// Whether `reply` means "not done, ask again" for this request: a
+    /// resendable (idempotent) request answered `NOT_LEADER` or
+    /// `UNAVAILABLE` is sent again after a pause rather than reported (a
+    /// caller's request until the caller's deadline). Such
+    /// an answer does not say the request had no effect (a forwarded
+    /// operation may have committed before leadership moved), which is why
+    /// only requests that are safe to repeat are retried: a RELEASE, CANCEL
+    /// or LOCK (same nonce) left unanswered would leave a grant or a wait
+    /// behind in a live session.
+    fn retry_on(&self, reply: &ResponseBody) -> bool {
+        self.resend
+            && !matches!(self.kind, PendingKind::Keepalive | PendingKind::Close(_))
+            // STATUS reports the server as it is, "not serving" included.
+            && !matches!(self.body, RequestBody::Status)
+            && matches!(
+                reply,
+                ResponseBody::Error(e)
+                    if matches!(e.code, ErrorCode::NotLeader | ErrorCode::Unavailable)
+            )
     }
 
     /// Whether nobody waits for this request any more.
@@ -692,6 +733,9 @@ pub(crate) struct Task {
     user_queue: VecDeque<Pending>,
     /// Background requests waiting for a connection or a slot.
     background: VecDeque<Pending>,
+    /// Requests answered "not now" ([`Pending::retry_on`]), each with the
+    /// time it is to be sent again.
+    retry_later: Vec<(Instant, Pending)>,
     lease: Lease,
     backoff: Backoff,
     endpoints: Endpoints,
@@ -743,6 +787,7 @@ impl Task {
             cmd_closed: false,
             user_queue: VecDeque::new(),
             background: VecDeque::new(),
+            retry_later: Vec::new(),
             backoff,
             endpoints,
             rng: StdRng::from_entropy(),
@@ -844,10 +889,16 @@ impl Task {
     /// shutdown deadline.
     fn next_wake(&self) -> Option<Instant> {
         let ttl = lock(&self.shared.registry).next_ttl_deadline();
-        [self.lease.pending_deadline(), ttl, self.shutdown_deadline]
-            .into_iter()
-            .flatten()
-            .min()
+        let retry = self.retry_later.iter().map(|(at, _)| *at).min();
+        [
+            self.lease.pending_deadline(),
+            ttl,
+            self.shutdown_deadline,
+            retry,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     /// Run the local timers that are due.
@@ -861,6 +912,17 @@ impl Task {
             );
         }
         lock(&self.shared.registry).on_ttl_due(now);
+        if self.retry_later.iter().any(|(at, _)| *at <= now) {
+            let (due, later) = std::mem::take(&mut self.retry_later)
+                .into_iter()
+                .partition(|(at, _)| *at <= now);
+            self.retry_later = later;
+            let mut due: Vec<(Instant, Pending)> = due;
+            due.sort_by_key(|(at, _)| *at);
+            for (_, p) in due {
+                self.enqueue(p);
+            }
+        }
         if self.shutdown_deadline.is_some_and(|d| now >= d) {
             tracing::debug!("shutdown deadline passed");
             self.stop = true;
@@ -914,7 +976,27 @@ impl Task {
     }
 
     fn offline_done(&self) -> bool {
-        self.stop || (self.cmd_closed && self.user_queue.is_empty() && self.background.is_empty())
+        self.stop
+            || (self.cmd_closed
+                && self.user_queue.is_empty()
+                && self.background.is_empty()
+                && self.retry_later.is_empty())
+    }
+
+    /// Send `p` again after a pause that grows with its retries (from
+    /// [`RETRY_MIN`] doubling to [`RETRY_MAX`], with jitter).
+    fn retry_later(&mut self, mut p: Pending, reply: &ResponseBody) {
+        let delay = Backoff::new(RETRY_MIN, RETRY_MAX)
+            .after(p.retries)
+            .next_delay(&mut self.rng);
+        p.retries = p.retries.saturating_add(1);
+        let level_warn = p.retries % RETRY_WARN_EVERY == 0;
+        if level_warn {
+            tracing::warn!(action = p.action, retries = p.retries, reply = ?reply, "still not done; retrying");
+        } else {
+            tracing::debug!(action = p.action, retries = p.retries, ?delay, reply = ?reply, "answered not now; retrying");
+        }
+        self.retry_later.push((Instant::now() + delay, p));
     }
 
     /// Dial rounds with backoff until a server completes HELLO. `None`: the
@@ -1100,18 +1182,26 @@ impl Task {
                     }
                 },
                 _ = sleep_until_opt(switch_wake) => {},
-                _ = sleep_until_opt(wake) => self.on_wake(),
+                _ = sleep_until_opt(wake) => {
+                    self.on_wake();
+                    self.send_queued(&mut conn);
+                },
             }
         }
+    }
+
+    /// Send what waits in the queues (requests due for a retry), in order.
+    fn send_queued(&mut self, conn: &mut Conn) {
+        for p in std::mem::take(&mut self.user_queue) {
+            self.send(conn, p);
+        }
+        self.pump_background(conn);
     }
 
     /// What was queued while there was no connection to send it on (or
     /// while a switch's HELLO was under way): send it now, in order.
     fn flush_queues(&mut self, conn: &mut Conn) {
-        for p in std::mem::take(&mut self.user_queue) {
-            self.send(conn, p);
-        }
-        self.pump_background(conn);
+        self.send_queued(conn);
         if let Some(done) = self.deferred_close.take() {
             self.on_command_online(conn, Some(Command::Close(done)));
         }
@@ -1397,7 +1487,11 @@ impl Task {
             .inflight
             .values()
             .any(|p| !matches!(p.kind, PendingKind::Keepalive));
-        if busy || !self.user_queue.is_empty() || !self.background.is_empty() {
+        if busy
+            || !self.user_queue.is_empty()
+            || !self.background.is_empty()
+            || !self.retry_later.is_empty()
+        {
             return;
         }
         conn.close_sent = true;
@@ -1522,6 +1616,11 @@ impl Task {
                     conn.last_ack_sent = sent;
                 }
             }
+        }
+        if p.retry_on(&body) && !p.is_abandoned() {
+            self.retry_later(p, &body);
+            self.pump_background(conn);
+            return Ok(());
         }
         let result = self.finish(p, Ok(body));
         self.pump_background(conn);

@@ -291,7 +291,14 @@ impl LockGuard {
                 };
                 Err(Error::Lost { reason, message })
             }
-            Err(e @ (Error::Indeterminate { .. } | Error::NotSent { .. })) => {
+            Err(
+                e @ (Error::Indeterminate { .. }
+                | Error::NotSent { .. }
+                | Error::NotLeader { .. }
+                | Error::Unavailable { .. }),
+            ) => {
+                // Not done (or not known to be): keep trying in the
+                // background, or the grant stays held by this live session.
                 self.release_in_background();
                 Err(e)
             }

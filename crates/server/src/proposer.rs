@@ -17,7 +17,7 @@
 //! What it never does: decide anything about locks. Waiting for the commit
 //! happens outside the lock, so concurrent proposals share fsyncs.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -78,6 +78,10 @@ pub struct Clock {
     last_beat_ms: AtomicU64,
     /// A gap longer than this in the beat is a stall.
     stall_ms: u64,
+    /// Set by a beat that found a stall, taken by the next stamp
+    /// ([`Clock::take_stall`]): whoever notices the stall first, the
+    /// driver's beat or a proposal, the Rebase is not lost between them.
+    stall_pending: AtomicBool,
 }
 
 impl Clock {
@@ -86,6 +90,7 @@ impl Clock {
             start: Instant::now(),
             last_beat_ms: AtomicU64::new(0),
             stall_ms,
+            stall_pending: AtomicBool::new(false),
         }
     }
 
@@ -97,16 +102,34 @@ impl Clock {
     /// The driver's beat: record liveness; returns whether the gap since
     /// the previous beat was a stall.
     pub fn beat(&self) -> bool {
-        let now = self.now_ms();
-        let prev = self.last_beat_ms.swap(now, Ordering::SeqCst);
-        now.saturating_sub(prev) > self.stall_ms
+        self.beat_at(self.now_ms())
     }
 
-    /// Whether the beat has not run for longer than the stall bound.
-    pub fn stalled(&self) -> bool {
-        self.now_ms()
-            .saturating_sub(self.last_beat_ms.load(Ordering::SeqCst))
-            > self.stall_ms
+    fn beat_at(&self, now: u64) -> bool {
+        let stalled = now.saturating_sub(self.last_beat_ms.load(Ordering::SeqCst)) > self.stall_ms;
+        if stalled {
+            // Flag it before the beat is refreshed: a proposal that sees
+            // the fresh beat then still sees the flag.
+            self.stall_pending.store(true, Ordering::SeqCst);
+        }
+        self.last_beat_ms.fetch_max(now, Ordering::SeqCst);
+        stalled
+    }
+
+    /// Whether a stall happened that no stamp has re-based yet (the beat
+    /// flagged one, or the beat is overdue now); clears the flag and
+    /// refreshes the beat, so one Rebase follows one stall.
+    pub fn take_stall(&self) -> bool {
+        self.take_stall_at(self.now_ms())
+    }
+
+    fn take_stall_at(&self, now: u64) -> bool {
+        let overdue = now.saturating_sub(self.last_beat_ms.load(Ordering::SeqCst)) > self.stall_ms;
+        let flagged = self.stall_pending.swap(false, Ordering::SeqCst);
+        if overdue {
+            self.last_beat_ms.fetch_max(now, Ordering::SeqCst);
+        }
+        overdue || flagged
     }
 }
 
@@ -348,10 +371,10 @@ impl Proposer {
                     });
                 }
             }
-            if st.rebase_pending || self.clock.stalled() {
+            // (`take_stall` first: it must be cleared even when a Rebase
+            // is pending anyway.)
+            if self.clock.take_stall() | st.rebase_pending {
                 st.rebase_pending = false;
-                // Refresh the beat so only one Rebase follows one stall.
-                self.clock.beat();
                 let cmd = Command {
                     term,
                     now_ms: self.clock.now_ms(),
@@ -381,5 +404,27 @@ fn conv(e: crate::raft::ProposeError) -> ProposeError {
             ProposeError::NotLeader { leader: leader_id }
         }
         e => ProposeError::Unavailable(e.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Clock;
+
+    /// The driver's beat may notice a stall (and refresh the beat) just
+    /// before a proposal stamps: the stall must still reach that stamp.
+    #[test]
+    fn a_stall_seen_by_the_beat_reaches_the_next_stamp_once() {
+        let clock = Clock::new(100);
+        assert!(!clock.beat_at(50));
+        assert!(!clock.take_stall_at(60), "no stall yet");
+        // Paused from 50 to 500: the beat sees it first and refreshes.
+        assert!(clock.beat_at(500));
+        assert!(clock.take_stall_at(501), "the proposal still re-bases");
+        assert!(!clock.take_stall_at(502), "one Rebase per stall");
+        // A proposal that notices an overdue beat itself.
+        assert!(clock.take_stall_at(900));
+        assert!(!clock.beat_at(901), "the stamp refreshed the beat");
+        assert!(!clock.take_stall_at(902));
     }
 }

@@ -876,6 +876,77 @@ async fn safe_requests_are_resent_after_reconnect() {
     }
 }
 
+/// A request that is safe to repeat and is answered "not now"
+/// (`UNAVAILABLE`, `NOT_LEADER`) is sent again until it gets a definite
+/// answer: a background RELEASE, a CANCEL, and a caller's LOCK (same
+/// nonce, which stays outstanding meanwhile). Otherwise the grant or wait
+/// would stay behind in the live session.
+#[tokio::test(start_paused = true)]
+async fn not_now_answers_are_retried_for_safe_requests() {
+    let (client, mut peer, _net, _acc) = connected(&["a:1"]).await;
+    // A dropped guard's RELEASE.
+    let guard = take(&client, &mut peer, "n", 9).await;
+    drop(guard);
+    let first = peer.recv_op().await;
+    peer.error(first.id, ErrorCode::Unavailable).await;
+    let second = peer.recv_op().await;
+    assert_eq!(second.body, first.body, "the same RELEASE again");
+    peer.error(second.id, ErrorCode::NotLeader).await;
+    let third = peer.recv_op().await;
+    assert_eq!(third.body, first.body);
+    peer.ok(third.id, OkReply::default()).await;
+
+    // A caller's LOCK: resent with its nonce, which is not retired before
+    // the definite answer.
+    let c = client.clone();
+    let acquire = tokio::spawn(async move { c.lock("z", "m").try_once().acquire().await });
+    let req = peer.recv_op().await;
+    let LockNonce(nonce) = LockNonce::of(&req);
+    peer.error(req.id, ErrorCode::NotLeader).await;
+    let again = peer.recv_op().await;
+    assert_eq!(LockNonce::of(&again).0, nonce, "the retry keeps the nonce");
+    assert_eq!(lock(&client.inner_shared().nonces).low_water(), nonce);
+    peer.ok(again.id, granted(21)).await;
+    let guard = acquire.await.unwrap().unwrap();
+    assert_eq!(guard.token(), 21);
+
+    // An abandoned acquire's CANCEL.
+    let c = client.clone();
+    let acquire = tokio::spawn(async move { c.lock("z", "w").acquire().await });
+    let req = peer.recv_op().await;
+    let LockNonce(nonce) = LockNonce::of(&req);
+    peer.send(req.id, ResponseBody::Queued { position: 1 })
+        .await;
+    acquire.abort();
+    let cancel = peer.recv_op().await;
+    assert_eq!(cancel.body, RequestBody::Cancel { nonce });
+    peer.error(cancel.id, ErrorCode::Unavailable).await;
+    let cancel2 = peer.recv_op().await;
+    assert_eq!(cancel2.body, RequestBody::Cancel { nonce });
+    peer.error(req.id, ErrorCode::Cancelled).await;
+    peer.ok(cancel2.id, OkReply::default()).await;
+    peer.idle(Duration::from_secs(3)).await;
+    drop(guard);
+}
+
+/// A request that is not safe to repeat (an admin's REMOVE_SERVER) gets
+/// the "not now" answer as its error, at once.
+#[tokio::test(start_paused = true)]
+async fn not_now_is_reported_for_unsafe_requests() {
+    let (client, mut peer, _net, _acc) = connected(&["a:1"]).await;
+    let c = client.clone();
+    let call = tokio::spawn(async move { c.remove_server(3).await });
+    let req = peer.recv_op().await;
+    assert!(
+        matches!(req.body, RequestBody::RemoveServer { .. }),
+        "{req:?}"
+    );
+    peer.error(req.id, ErrorCode::NotLeader).await;
+    let err = call.await.unwrap().unwrap_err();
+    assert!(matches!(err, Error::NotLeader { .. }), "{err:?}");
+    peer.idle(Duration::from_secs(2)).await;
+}
+
 /// Static locks: LOCK, REFRESH and RELEASE carry the owner key and a
 /// signature over the canonical message, with strictly increasing counters.
 #[tokio::test(start_paused = true)]
