@@ -15,6 +15,12 @@
 //! takes a process-wide lock that the cluster holds until it drops, so the
 //! test functions of one file do not compete for the machine's two cores.
 //!
+//! [`TestCluster::prepare`] + [`TestCluster::launch`] split the start for
+//! harnesses that must know the nodes' addresses before any process runs
+//! (the chaos suite puts a fault proxy in front of every node: it sets a
+//! node's peer address — `advertise`, and what the others list in `peers` —
+//! and extra config lines between the two).
+//!
 //! Cluster state is read with STATUS before HELLO on a fresh TLS connection
 //! ([`TestCluster::status`]): it answers from the node's own Raft metrics
 //! without committing anything, so it works during an election, on a node
@@ -135,6 +141,14 @@ pub struct ClusterNode {
     pub config: PathBuf,
     pub data_dir: PathBuf,
     pub log: PathBuf,
+    /// The address peers use for this node (its `advertise`, and what the
+    /// other nodes list in `peers`); `None`: its TLS address.
+    pub peer_addr: Option<String>,
+    /// Extra top-level config lines (e.g. `peer_source_ip = "127.0.0.11"`).
+    pub extra_config: String,
+    /// Every process this node ran: when it was spawned and, once known,
+    /// when it was killed or found exited (the test process's clock).
+    pub lifetimes: Vec<(Instant, Option<Instant>)>,
     child: Option<Child>,
     stopped: bool,
     /// Length of the log when the current process started.
@@ -168,6 +182,15 @@ impl ClusterNode {
     }
 
     /// The log written since the current (or last) process started.
+    /// Record the end of the current process's lifetime.
+    fn ended(&mut self) {
+        if let Some((_, end)) = self.lifetimes.last_mut() {
+            if end.is_none() {
+                *end = Some(Instant::now());
+            }
+        }
+    }
+
     pub fn log_since_start(&self) -> String {
         let all = std::fs::read(&self.log).unwrap_or_default();
         let from = usize::try_from(self.log_offset)
@@ -183,6 +206,8 @@ pub struct TestCluster {
     pub certs: PathBuf,
     pub opts: ClusterOpts,
     nodes: Vec<ClusterNode>,
+    /// Keep the directory when the cluster drops (as `OCLOCKS_TEST_KEEP`).
+    pub keep_dir: bool,
     _one_at_a_time: MutexGuard<'static, ()>,
 }
 
@@ -268,6 +293,15 @@ impl TestCluster {
     /// 200 and every node that is not node 1 has logged that it is a member
     /// (its join, including a promotion to voter, is done).
     pub fn start(opts: ClusterOpts) -> TestCluster {
+        let mut c = TestCluster::prepare(opts);
+        c.launch();
+        c
+    }
+
+    /// Certificates and node definitions (ids, ports, paths), nothing
+    /// started and no config written yet: set peer addresses and extra
+    /// config lines, then [`TestCluster::launch`].
+    pub fn prepare(opts: ClusterOpts) -> TestCluster {
         assert!(!opts.roles.is_empty(), "a cluster needs a node");
         assert_eq!(opts.roles[0], NodeRole::Voter, "node 1 bootstraps");
         let guard = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
@@ -285,12 +319,34 @@ impl TestCluster {
             certs,
             opts: opts.clone(),
             nodes: Vec::new(),
+            keep_dir: false,
             _one_at_a_time: guard,
         };
         let ports = free_ports(2 * opts.roles.len());
         for (i, role) in opts.roles.iter().enumerate() {
             c.define_node(*role, ports[2 * i], ports[2 * i + 1]);
         }
+        c
+    }
+
+    /// Node `id`'s peer address (its `advertise`; the others list it in
+    /// `peers`). Takes effect when its config is (re)written.
+    pub fn set_peer_addr(&mut self, id: u64, addr: &str) {
+        self.node_mut(id).peer_addr = Some(addr.to_string());
+    }
+
+    /// Extra top-level config lines of node `id`. Takes effect when its
+    /// config is (re)written.
+    pub fn set_extra_config(&mut self, id: u64, lines: &str) {
+        self.node_mut(id).extra_config = lines.to_string();
+    }
+
+    /// Write every config, start node 1 with --bootstrap, then the others;
+    /// returns once every node is ready and has joined (see
+    /// [`TestCluster::start`]).
+    pub fn launch(&mut self) {
+        let opts = self.opts.clone();
+        let c = self;
         for id in c.ids() {
             c.write_config(id);
         }
@@ -312,7 +368,6 @@ impl TestCluster {
             started.elapsed(),
             c.dir.path().display()
         );
-        c
     }
 
     /// A new node (certificate, ports) that is not started yet.
@@ -332,6 +387,9 @@ impl TestCluster {
             config: dir.join(format!("{name}.toml")),
             data_dir: dir.join(format!("{name}-data")),
             log: dir.join(format!("{name}.log")),
+            peer_addr: None,
+            extra_config: String::new(),
+            lifetimes: Vec::new(),
             child: None,
             stopped: false,
             log_offset: 0,
@@ -347,7 +405,10 @@ impl TestCluster {
             .nodes
             .iter()
             .filter(|o| o.id != id)
-            .map(|o| format!("\"{}\"", o.addr))
+            .map(|o| match &o.peer_addr {
+                Some(a) => format!("\"{a}\""),
+                None => format!("\"{}\"", o.addr),
+            })
             .collect::<Vec<_>>()
             .join(", ");
         let admins = self
@@ -358,6 +419,14 @@ impl TestCluster {
             .collect::<Vec<_>>()
             .join(", ");
         let o = &self.opts;
+        let mut extra = String::new();
+        if let Some(a) = &n.peer_addr {
+            extra.push_str(&format!("advertise = \"{a}\"\n"));
+        }
+        if !n.extra_config.is_empty() {
+            extra.push_str(n.extra_config.trim_end());
+            extra.push('\n');
+        }
         let text = format!(
             r#"node_id = {id}
 listen = "{addr}"
@@ -366,7 +435,7 @@ data_dir = "node{id}-data"
 role = "{role}"
 peers = [{peers}]
 admins = [{admins}]
-
+{extra}
 [tls]
 ca = "certs/ca.pem"
 cert = "certs/node{id}.pem"
@@ -468,6 +537,7 @@ logs_kept_after_snapshot = {kept}
             cmd.arg("--bootstrap");
             n.bootstrapped = true;
         }
+        n.lifetimes.push((Instant::now(), None));
         n.child = Some(cmd.spawn().expect("start oclocks server"));
         n.stopped = false;
     }
@@ -476,8 +546,20 @@ logs_kept_after_snapshot = {kept}
     pub fn kill9(&mut self, id: u64) {
         let n = self.node_mut(id);
         if let Some(mut c) = n.child.take() {
+            if n.stopped {
+                // A stopped process dies of SIGKILL too; SIGCONT first so
+                // nothing of it lingers stopped.
+                if let Ok(pid) = i32::try_from(c.id()) {
+                    // SAFETY: kill(2) has no memory-safety preconditions;
+                    // the process is our unreaped child.
+                    unsafe {
+                        libc::kill(pid, libc::SIGCONT);
+                    }
+                }
+            }
             let _ = c.kill();
             let _ = c.wait();
+            n.ended();
         }
         n.stopped = false;
     }
@@ -557,7 +639,9 @@ logs_kept_after_snapshot = {kept}
                 child.try_wait().expect("try_wait")
             };
             if let Some(status) = status {
-                self.node_mut(id).child = None;
+                let n = self.node_mut(id);
+                n.child = None;
+                n.ended();
                 return status;
             }
             if Instant::now() >= deadline {
@@ -588,11 +672,18 @@ logs_kept_after_snapshot = {kept}
         out
     }
 
+    /// Whether node `id`'s process has exited on its own (reaped if so);
+    /// `None` while it runs or if it was not running.
+    pub fn try_exited(&mut self, id: u64) -> Option<ExitStatus> {
+        self.exited(id)
+    }
+
     /// Whether node `id`'s process has exited (and reap it if so).
     fn exited(&mut self, id: u64) -> Option<ExitStatus> {
         let n = self.node_mut(id);
         let status = n.child.as_mut()?.try_wait().ok()??;
         n.child = None;
+        n.ended();
         Some(status)
     }
 
@@ -787,12 +878,13 @@ impl Drop for TestCluster {
                 let _ = c.kill();
                 let _ = c.wait();
                 n.stopped = false;
+                n.ended();
             }
         }
         if std::thread::panicking() {
             eprintln!("{}", self.logs_tail(150));
         }
-        if std::env::var_os("OCLOCKS_TEST_KEEP").is_some() {
+        if self.keep_dir || std::env::var_os("OCLOCKS_TEST_KEEP").is_some() {
             let kept = std::mem::replace(
                 &mut self.dir,
                 tempfile::tempdir().expect("placeholder tempdir"),
