@@ -1637,9 +1637,25 @@ impl Task {
             permit,
             ..
         } = p;
-        // A LOCK's final reply retires its nonce.
+        // A LOCK's definite final reply retires its nonce. An answer that
+        // leaves open whether it took effect (`NOT_LEADER`, `UNAVAILABLE`,
+        // `INTERNAL`: the LOCK may have committed, and been granted, after
+        // all) does not: the nonce stays outstanding — so later requests'
+        // low-water mark stays at or below it and the server keeps its
+        // outcome — until the CANCEL that such an acquire always sends is
+        // answered. Retiring it here let a CANCEL arrive after the next
+        // LOCK had raised the low-water mark past it, when the server no
+        // longer knew the grant it was meant to give back (chaos seed
+        // 240514447: a grant leaked to a live session).
         if let RequestBody::Lock(l) = &body {
-            lock(&self.shared.nonces).retire(l.nonce);
+            let maybe_took_effect = matches!(
+                &outcome,
+                Ok(ResponseBody::Error(e))
+                    if matches!(e.code, ErrorCode::NotLeader | ErrorCode::Unavailable | ErrorCode::Internal)
+            );
+            if !maybe_took_effect {
+                lock(&self.shared.nonces).retire(l.nonce);
+            }
         }
         let now = Instant::now();
         let sent_at = first_sent_at.unwrap_or(now);

@@ -115,6 +115,12 @@ pub struct RaftConfig {
     /// Log entries kept behind a snapshot, so a follower that lags by fewer
     /// catches up from the log instead of receiving the whole snapshot.
     pub logs_kept_after_snapshot: u64,
+    /// Most client commands packed into one log entry (one fsync).
+    pub max_batch_commands: usize,
+    /// Batches proposed to Raft and not yet applied, at most: with more
+    /// than one, the leader makes the next batch durable while the
+    /// followers store the previous one.
+    pub max_inflight_batches: usize,
 }
 
 impl Default for RaftConfig {
@@ -125,6 +131,8 @@ impl Default for RaftConfig {
             election_timeout_ms_max: 1000,
             snapshot_every_entries: 20_000,
             logs_kept_after_snapshot: 1_000,
+            max_batch_commands: 128,
+            max_inflight_batches: 1,
         }
     }
 }
@@ -274,6 +282,15 @@ impl ServerConfig {
             return Err(invalid(
                 "raft.election_timeout_ms_min",
                 "must exceed twice raft.heartbeat_ms",
+            ));
+        }
+        if r.max_batch_commands == 0 {
+            return Err(invalid("raft.max_batch_commands", "must be greater than 0"));
+        }
+        if !(1..=64).contains(&r.max_inflight_batches) {
+            return Err(invalid(
+                "raft.max_inflight_batches",
+                "must be between 1 and 64",
             ));
         }
         if r.election_timeout_ms_max <= r.election_timeout_ms_min {

@@ -98,6 +98,8 @@ pub async fn run(
         election_timeout_max_ms: cfg.raft.election_timeout_ms_max,
         snapshot_every_entries: cfg.raft.snapshot_every_entries,
         logs_kept_after_snapshot: cfg.raft.logs_kept_after_snapshot,
+        max_batch_commands: cfg.raft.max_batch_commands,
+        max_inflight_batches: cfg.raft.max_inflight_batches,
         elect: cfg.role != MemberRole::QuorumOnly,
         ..RaftOptions::default()
     };

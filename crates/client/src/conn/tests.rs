@@ -929,6 +929,57 @@ async fn not_now_answers_are_retried_for_safe_requests() {
     drop(guard);
 }
 
+/// An acquire that gave up locally (its CANCEL is on its way) and whose
+/// LOCK is then answered "not now" by a server: that LOCK may still have
+/// been granted, so its nonce stays outstanding — the next LOCK's low-water
+/// mark stays at or below it — until the CANCEL is answered; only then can
+/// the server forget the grant the CANCEL gives back.
+#[tokio::test(start_paused = true)]
+async fn an_abandoned_lock_answered_not_now_keeps_its_nonce_until_the_cancel() {
+    let (client, mut peer, _net, _acc) = connected(&["a:1"]).await;
+    let c = client.clone();
+    let acquire = tokio::spawn(async move {
+        c.lock("z", "n")
+            .wait(Duration::from_secs(1))
+            .acquire()
+            .await
+    });
+    let req = peer.recv_op().await;
+    let LockNonce(nonce) = LockNonce::of(&req);
+    // No reply: the caller gives up after wait + request timeout.
+    let cancel = peer.recv_op().await;
+    assert_eq!(cancel.body, RequestBody::Cancel { nonce });
+    assert!(acquire.await.unwrap().is_err());
+    peer.error(req.id, ErrorCode::NotLeader).await;
+    // Another acquire meanwhile: its low-water mark must not pass the nonce.
+    let c = client.clone();
+    let next = tokio::spawn(async move { c.lock("z", "m").try_once().acquire().await });
+    let req2 = peer.recv_op().await;
+    let RequestBody::Lock(l2) = &req2.body else {
+        panic!("{req2:?}")
+    };
+    assert!(
+        l2.low_water <= nonce,
+        "low-water {} passed the abandoned nonce {nonce}",
+        l2.low_water
+    );
+    peer.ok(req2.id, granted(5)).await;
+    let _guard = next.await.unwrap().unwrap();
+    // The CANCEL's answer retires it.
+    peer.ok(cancel.id, OkReply::default()).await;
+    let c = client.clone();
+    let _third = tokio::spawn(async move { c.lock("z", "k").try_once().acquire().await });
+    let req3 = peer.recv_op().await;
+    let RequestBody::Lock(l3) = &req3.body else {
+        panic!("{req3:?}")
+    };
+    assert!(
+        l3.low_water > nonce,
+        "retired after the CANCEL: {}",
+        l3.low_water
+    );
+}
+
 /// A request that is not safe to repeat (an admin's REMOVE_SERVER) gets
 /// the "not now" answer as its error, at once.
 #[tokio::test(start_paused = true)]

@@ -18,15 +18,23 @@
 //! fsynced transaction makes durable; losing it only delays re-applying
 //! until the next commit.
 //!
+//! The tail: the last [`TAIL_ENTRIES`] entries written are also kept in
+//! memory, so the leader's replication reads the entries it just appended
+//! without a read transaction, a trip to the blocking pool and a decode.
+//! The tail is always a contiguous run of the log (appends extend it,
+//! truncate and purge cut it like the table); a read it does not cover
+//! entirely goes to redb.
+//!
 //! Must never: acknowledge (call the `LogFlushed` callback) before the
 //! commit returned; block the async runtime on disk I/O (all redb work runs
 //! on tokio's blocking pool); panic on what it reads.
 
+use std::collections::VecDeque;
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 
 use openraft::storage::{LogFlushed, RaftLogStorage};
 use openraft::{ErrorSubject, ErrorVerb, LogState, OptionalSend, RaftLogReader, StorageError};
@@ -48,6 +56,79 @@ const KEY_VOTE: &str = "vote";
 const KEY_COMMITTED: &str = "committed";
 const KEY_PURGED: &str = "last_purged";
 
+/// Entries kept in memory after they are written (see the module docs).
+pub const TAIL_ENTRIES: usize = 512;
+
+/// The last entries written, contiguous: `entries[i]` has index `first + i`.
+#[derive(Default)]
+struct Tail {
+    first: u64,
+    entries: VecDeque<Entry>,
+}
+
+impl Tail {
+    /// One past the last index held.
+    fn end(&self) -> u64 {
+        self.first + self.entries.len() as u64
+    }
+
+    /// Entries just written, in index order.
+    fn extend(&mut self, written: &[Entry]) {
+        for e in written {
+            let index = e.log_id.index;
+            if self.entries.is_empty() || index < self.first || index > self.end() {
+                // A gap or a rewrite below the tail: start over here.
+                self.entries.clear();
+                self.first = index;
+            } else if index < self.end() {
+                self.truncate(index);
+            }
+            self.entries.push_back(e.clone());
+        }
+        while self.entries.len() > TAIL_ENTRIES {
+            self.entries.pop_front();
+            self.first += 1;
+        }
+    }
+
+    /// Forget indexes `since..`.
+    fn truncate(&mut self, since: u64) {
+        if since <= self.first {
+            self.entries.clear();
+        } else if since < self.end() {
+            self.entries.truncate((since - self.first) as usize);
+        }
+    }
+
+    /// Forget indexes `..=upto`.
+    fn purge(&mut self, upto: u64) {
+        while !self.entries.is_empty() && self.first <= upto {
+            self.entries.pop_front();
+            self.first += 1;
+        }
+    }
+
+    /// The entries of `range` if the tail holds all of them.
+    fn get(&self, range: (Bound<u64>, Bound<u64>)) -> Option<Vec<Entry>> {
+        let start = match range.0 {
+            Bound::Included(s) => s,
+            Bound::Excluded(s) => s.checked_add(1)?,
+            Bound::Unbounded => return None,
+        };
+        let end = match range.1 {
+            Bound::Included(e) => e.checked_add(1)?,
+            Bound::Excluded(e) => e,
+            Bound::Unbounded => self.end(),
+        };
+        if self.entries.is_empty() || start < self.first || end > self.end() || start > end {
+            return None;
+        }
+        let from = (start - self.first) as usize;
+        let to = (end - self.first) as usize;
+        Some(self.entries.range(from..to).cloned().collect())
+    }
+}
+
 /// Counters of the log store, shared with whoever wants them (tests,
 /// metrics) without keeping the database open.
 #[derive(Debug, Default)]
@@ -62,6 +143,8 @@ struct Inner {
     db: Database,
     path: PathBuf,
     stats: Arc<LogStats>,
+    /// The last entries written (see the module docs).
+    tail: Mutex<Tail>,
     /// Dropped after `db` (fields drop in order): once no strong reference
     /// is left, the database file is closed and its lock released.
     alive: Arc<()>,
@@ -113,6 +196,7 @@ impl LogStore {
                 db,
                 path,
                 stats: Arc::new(LogStats::default()),
+                tail: Mutex::new(Tail::default()),
                 alive: Arc::new(()),
             }),
         })
@@ -202,11 +286,21 @@ impl LogStore {
         .await
     }
 
+    fn tail(&self) -> std::sync::MutexGuard<'_, Tail> {
+        self.inner
+            .tail
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
     /// The entries with an index in `range`, in order.
     pub async fn load_entries(
         &self,
         range: (Bound<u64>, Bound<u64>),
     ) -> Result<Vec<Entry>, StoreError> {
+        if let Some(entries) = self.tail().get(range) {
+            return Ok(entries);
+        }
         self.blocking(move |inner| {
             let txn = inner.db.begin_read()?;
             let log = txn.open_table(LOG)?;
@@ -226,7 +320,6 @@ impl LogStore {
         for e in &entries {
             encoded.push((e.log_id.index, codec::encode_entry(e)?));
         }
-        drop(entries);
         self.blocking(move |inner| {
             let mut txn = inner.db.begin_write()?;
             txn.set_durability(Durability::Immediate)?;
@@ -244,7 +337,9 @@ impl LogStore {
                 .fetch_add(encoded.len() as u64, Ordering::Relaxed);
             Ok(())
         })
-        .await
+        .await?;
+        self.tail().extend(&entries);
+        Ok(())
     }
 
     /// One write transaction on the `log` and `state` tables.
@@ -373,6 +468,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError<NodeId>> {
         tracing::debug!(since = log_id.index, "raft log truncate");
+        // Cut the tail first: no read may see an entry being removed.
+        self.tail().truncate(log_id.index);
         self.write(Durability::Immediate, move |log, _| {
             log.retain_in::<u64, _>(log_id.index.., |_, _| false)?;
             Ok(())
@@ -385,6 +482,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         tracing::debug!(upto = log_id.index, "raft log purge");
         let to_err = |e: StoreError| e.into_storage(ErrorSubject::Logs, ErrorVerb::Delete);
         let bytes = codec::encode_log_id("last purged log id", &log_id).map_err(to_err)?;
+        self.tail().purge(log_id.index);
         self.write(Durability::Immediate, move |log, state| {
             state.insert(KEY_PURGED, bytes.as_slice())?;
             log.retain_in::<u64, _>(..=log_id.index, |_, _| false)?;
@@ -392,5 +490,73 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         })
         .await
         .map_err(to_err)
+    }
+}
+
+#[cfg(test)]
+mod tail_tests {
+    use super::*;
+    use openraft::{CommittedLeaderId, EntryPayload};
+
+    fn entry(index: u64, term: u64) -> Entry {
+        Entry {
+            log_id: LogId::new(CommittedLeaderId::new(term, 1), index),
+            payload: EntryPayload::Blank,
+        }
+    }
+
+    fn ids(v: Option<Vec<Entry>>) -> Option<Vec<(u64, u64)>> {
+        v.map(|v| {
+            v.iter()
+                .map(|e| (e.log_id.index, e.log_id.leader_id.term))
+                .collect()
+        })
+    }
+
+    fn r(a: u64, b: u64) -> (Bound<u64>, Bound<u64>) {
+        (Bound::Included(a), Bound::Excluded(b))
+    }
+
+    #[test]
+    fn the_tail_stays_a_contiguous_run_of_the_log() {
+        let mut t = Tail::default();
+        assert_eq!(ids(t.get(r(1, 2))), None, "empty");
+        t.extend(&[entry(5, 1), entry(6, 1), entry(7, 1)]);
+        assert_eq!(ids(t.get(r(5, 8))), Some(vec![(5, 1), (6, 1), (7, 1)]));
+        assert_eq!(ids(t.get(r(4, 6))), None, "starts before the tail");
+        assert_eq!(ids(t.get(r(6, 9))), None, "ends after it");
+        assert_eq!(
+            ids(t.get((Bound::Included(6), Bound::Unbounded))),
+            Some(vec![(6, 1), (7, 1)])
+        );
+        // A rewrite from 6 on (a new leader's entries).
+        t.extend(&[entry(6, 2)]);
+        assert_eq!(ids(t.get(r(5, 7))), Some(vec![(5, 1), (6, 2)]));
+        assert_eq!(ids(t.get(r(5, 8))), None, "7 was cut with the rewrite");
+        t.truncate(6);
+        assert_eq!(ids(t.get(r(5, 6))), Some(vec![(5, 1)]));
+        t.extend(&[entry(6, 3), entry(7, 3)]);
+        t.purge(6);
+        assert_eq!(ids(t.get(r(6, 8))), None);
+        assert_eq!(ids(t.get(r(7, 8))), Some(vec![(7, 3)]));
+        // A gap (a snapshot installed meanwhile) starts over.
+        t.extend(&[entry(100, 4)]);
+        assert_eq!(ids(t.get(r(7, 8))), None);
+        assert_eq!(ids(t.get(r(100, 101))), Some(vec![(100, 4)]));
+        t.truncate(0);
+        assert_eq!(ids(t.get(r(100, 101))), None);
+    }
+
+    #[test]
+    fn the_tail_is_bounded() {
+        let mut t = Tail::default();
+        let many: Vec<Entry> = (1..=(TAIL_ENTRIES as u64 + 10))
+            .map(|i| entry(i, 1))
+            .collect();
+        t.extend(&many);
+        assert_eq!(t.entries.len(), TAIL_ENTRIES);
+        assert_eq!(t.first, 11);
+        assert_eq!(ids(t.get(r(10, 12))), None);
+        assert!(t.get(r(11, TAIL_ENTRIES as u64 + 11)).is_some());
     }
 }
