@@ -27,7 +27,7 @@ use crate::conn::{
 };
 use crate::endpoints::{redirect_servers, Endpoints, ServerStatus};
 use crate::error::Error;
-use crate::guard::{HeldGrant, LockGuard, ReleaseOutcome};
+use crate::guard::{HeldGrant, LockGuard, LostReason, ReleaseOutcome};
 use crate::identity::{load_or_create_client_id, unix_micros, Counter, OwnerKey};
 use crate::nonce::Nonces;
 use crate::registry::{lock, Registry};
@@ -829,7 +829,7 @@ impl LockBuilder {
         cancel.armed = false;
         let expires_in = ok.expires_in_ms.map(Duration::from_millis);
         tracing::debug!(%zone, %name, token, "acquired");
-        Ok(LockGuard::new(
+        let guard = LockGuard::new(
             client,
             grant,
             HeldGrant {
@@ -841,7 +841,27 @@ impl LockBuilder {
             },
             key_owned,
             expires_in,
-        ))
+        );
+        // A grant that the client can no longer believe in by the time its
+        // reply arrived (its TTL or the session lease ran out meanwhile:
+        // a slow answer) is never handed out: another client may hold the
+        // lock already. Dropping the guard releases it in the background.
+        if let Some(reason) = guard.lost_reason() {
+            tracing::warn!(%token, ?reason, "granted, but lost before the reply arrived");
+            drop(guard);
+            return Err(Error::Lost {
+                reason: Some(reason),
+                message: format!(
+                    "the lock was granted (token {token}) but its {} ran out before the \
+                     reply arrived; it is released",
+                    match reason {
+                        LostReason::TtlExpired => "TTL",
+                        _ => "session lease",
+                    }
+                ),
+            });
+        }
+        Ok(guard)
     }
 }
 

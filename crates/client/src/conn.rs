@@ -1762,15 +1762,22 @@ impl Task {
         let ttl_deadline = ok
             .expires_in_ms
             .map(|ms| crate::lease::ttl_believed_until(sent_at, Duration::from_millis(ms)));
-        Some(GrantHandle::register(
+        let now = Instant::now();
+        let handle = GrantHandle::register(
             &self.shared.registry,
             &l.zone,
             &l.name,
             token,
             l.kind,
             ttl_deadline,
-            self.lease.is_expired(Instant::now()),
-        ))
+            self.lease.is_expired(now),
+        );
+        if ttl_deadline.is_some_and(|d| d <= now) {
+            // The reply came later than the TTL can be believed (a slow
+            // answer): the grant is lost before anyone sees it.
+            lock(&self.shared.registry).on_ttl_due(now);
+        }
+        Some(handle)
     }
 }
 

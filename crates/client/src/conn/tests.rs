@@ -980,6 +980,50 @@ async fn an_abandoned_lock_answered_not_now_keeps_its_nonce_until_the_cancel() {
     );
 }
 
+/// A grant whose reply arrives after its TTL can no longer be believed
+/// (the reply took longer than the TTL minus the margin) is not handed out:
+/// the acquire fails with `Lost` and the grant is released in the
+/// background — another client may already hold the lock.
+#[tokio::test(start_paused = true)]
+async fn a_grant_whose_ttl_ran_out_before_the_reply_is_not_handed_out() {
+    let (client, mut peer, _net, _acc) = connected(&["a:1"]).await;
+    let c = client.clone();
+    let acquire = tokio::spawn(async move {
+        c.lock("z", "n")
+            .ttl(Duration::from_secs(2))
+            .wait(Duration::from_secs(10))
+            .acquire()
+            .await
+    });
+    let req = peer.recv_op().await;
+    peer.idle(Duration::from_secs(3)).await;
+    peer.ok(
+        req.id,
+        OkReply {
+            token: Some(44),
+            expires_in_ms: Some(2000),
+            ..OkReply::default()
+        },
+    )
+    .await;
+    let err = acquire.await.unwrap().unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::Lost {
+                reason: Some(crate::LostReason::TtlExpired),
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    let release = peer.recv_op().await;
+    assert!(
+        matches!(&release.body, RequestBody::Release(r) if r.token == 44),
+        "{release:?}"
+    );
+}
+
 /// A request that is not safe to repeat (an admin's REMOVE_SERVER) gets
 /// the "not now" answer as its error, at once.
 #[tokio::test(start_paused = true)]
