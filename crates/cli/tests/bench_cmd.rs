@@ -99,4 +99,38 @@ fn bench_runs_all_workloads_and_reports_json_and_markdown() {
     }
     assert!(stdout.contains("\n| ours | 1 | 1 | "), "{stdout}");
     assert!(stdout.contains("\n| ours | 2 | 1 | "), "{stdout}");
+
+    // The fill workload: static locks that stay held, 50 per session (so
+    // sessions are closed and replaced on the way).
+    let out = node.cli_output(&[
+        "bench",
+        "--workloads",
+        "fill",
+        "--fill-locks",
+        "200",
+        "--fill-clients",
+        "2",
+        "--fill-pipeline",
+        "4",
+        "--fill-per-session",
+        "50",
+        "--json",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "bench fill failed: {stderr}");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("stdout is not JSON ({e}); stderr: {stderr}"));
+    let fill = rows(&report, "fill");
+    assert_eq!(fill.len(), 1, "{report}");
+    assert_eq!(num(&fill[0], "locks_taken"), 200.0, "{report}");
+    assert_eq!(num(&fill[0], "errors"), 0.0, "{report}");
+    assert!(num(&fill[0], "sessions") >= 4.0, "{report}");
+    // The locks outlive the bench's sessions.
+    let out = node.cli_output(&["locks"]);
+    let listed = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        listed.lines().filter(|l| l.contains("/fill/")).count(),
+        200,
+        "{listed}"
+    );
 }

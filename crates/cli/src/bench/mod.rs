@@ -9,6 +9,8 @@
 //! - **failover**: a victim with a short session timeout holds a lock, a
 //!   waiter queues, the victim crashes (its runtime is torn down: keepalives
 //!   stop, its sockets close, nothing is released); crash → grant time.
+//! - **fill** (only when named): take N static locks and keep them, to load
+//!   the lock table for memory and restart measurements (`fill.rs`).
 //!
 //! Flags, defaults, lock-name scheme and the markdown rows are lockbench's
 //! (`report.rs` renders them the same way); `--json` prints the rows as JSON
@@ -16,6 +18,7 @@
 //! 2 when a safety check failed (a mutual-exclusion violation, an early
 //! failover grant or a fencing token that went backwards); 1 on errors.
 
+mod fill;
 mod report;
 mod workloads;
 
@@ -86,6 +89,29 @@ pub struct BenchArgs {
     /// the window, seconds.
     #[arg(long, default_value_t = 60)]
     drain_timeout_s: u64,
+
+    /// Fill workload: static locks to take and keep (it runs once, not per
+    /// `--runs`; the locks stay held after the bench unless --fill-ttl-s).
+    #[arg(long, default_value_t = 100_000)]
+    fill_locks: u64,
+
+    /// Fill workload: concurrent clients (each its own session).
+    #[arg(long, default_value_t = 16)]
+    fill_clients: usize,
+
+    /// Fill workload: acquires in flight per client.
+    #[arg(long, default_value_t = 8)]
+    fill_pipeline: usize,
+
+    /// Fill workload: locks per session; then the session is closed (its
+    /// static locks stay held) and a new one opened. Keep it under the
+    /// servers' `limits.locks_per_session_max` (default 4096).
+    #[arg(long, default_value_t = 4000)]
+    fill_per_session: u64,
+
+    /// Fill workload: TTL of the locks, seconds (0 = none: they stay held).
+    #[arg(long, default_value_t = 0)]
+    fill_ttl_s: u64,
 
     /// Time the waiter is given to queue before the holder crashes, ms.
     #[arg(long, default_value_t = 500)]
@@ -162,6 +188,15 @@ pub fn run(a: BenchArgs) -> Result<ExitCode> {
             bail!("{flag} must be at least {min} and at most a day");
         }
     }
+    if a.fill_clients == 0 || a.fill_pipeline == 0 || a.fill_per_session == 0 {
+        bail!("--fill-clients, --fill-pipeline and --fill-per-session must be at least 1");
+    }
+    if a.fill_locks == 0 || a.fill_locks > 100_000_000 {
+        bail!("--fill-locks must be in 1..=100000000");
+    }
+    if a.fill_ttl_s > 366 * DAY {
+        bail!("--fill-ttl-s must be at most a year");
+    }
     if a.threads == 0 || a.threads > 256 {
         bail!("--threads must be in 1..=256");
     }
@@ -202,6 +237,18 @@ pub fn run(a: BenchArgs) -> Result<ExitCode> {
         .build()?;
     let started = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
     let result = rt.block_on(workloads::run_suite(&cfg))?;
+    let fill_rows = if a.workloads.contains(&Workload::Fill) {
+        let fc = fill::FillCfg {
+            locks: a.fill_locks,
+            clients: a.fill_clients,
+            pipeline: a.fill_pipeline,
+            per_session: a.fill_per_session,
+            ttl: secs(a.fill_ttl_s),
+        };
+        vec![rt.block_on(fill::fill(&cfg, &fc))?]
+    } else {
+        vec![]
+    };
     let finished = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
     // Clients' background tasks (closing sessions) get a moment, no more.
     rt.shutdown_timeout(Duration::from_secs(2));
@@ -225,6 +272,7 @@ pub fn run(a: BenchArgs) -> Result<ExitCode> {
         );
         let argv: Vec<String> = std::env::args().map(|x| shell_quote(&x)).collect();
         let _ = writeln!(md, "- command: `{}`\n", argv.join(" "));
+        md.push_str(&fill::render(&fill_rows, &result.label));
         md.push_str(&report::render_tables(std::slice::from_ref(&result), &cfg));
         md
     };
@@ -232,7 +280,10 @@ pub fn run(a: BenchArgs) -> Result<ExitCode> {
         std::fs::write(out, &md).with_context(|| format!("write {}", out.display()))?;
     }
     if a.json {
-        let json = report::json(&result, &cfg);
+        let mut json = serde_json::to_value(report::json(&result, &cfg))?;
+        if let Some(obj) = json.as_object_mut() {
+            obj.insert("fill".into(), serde_json::to_value(&fill_rows)?);
+        }
         println!("{}", serde_json::to_string_pretty(&json)?);
     } else {
         print!("{md}");

@@ -20,6 +20,9 @@ pub enum Workload {
     Uncontended,
     Contended,
     Failover,
+    /// Take N static locks and keep them (see `fill.rs`); runs once, not per
+    /// `--runs`, and only when named.
+    Fill,
 }
 
 /// Everything a suite needs (lockbench's `SuiteCfg`, plus the client config).
@@ -60,7 +63,7 @@ pub struct Q {
 }
 
 impl Q {
-    fn of(h: &Histogram<u64>) -> Q {
+    pub(super) fn of(h: &Histogram<u64>) -> Q {
         if h.is_empty() {
             return Q::default();
         }
@@ -156,29 +159,29 @@ impl SuiteResult {
     }
 }
 
-fn new_hist() -> Result<Histogram<u64>> {
+pub(super) fn new_hist() -> Result<Histogram<u64>> {
     Histogram::new_with_bounds(1, 300_000_000, 3).context("histogram bounds")
 }
 
-fn rec(h: &mut Histogram<u64>, d: Duration) {
+pub(super) fn rec(h: &mut Histogram<u64>, d: Duration) {
     h.saturating_record(u64::try_from(d.as_micros()).unwrap_or(u64::MAX).max(1));
 }
 
 /// Error bookkeeping of one worker or run.
 #[derive(Default)]
-struct Errs {
-    n: u64,
-    first: Option<String>,
+pub(super) struct Errs {
+    pub(super) n: u64,
+    pub(super) first: Option<String>,
 }
 
 impl Errs {
-    fn add(&mut self, e: impl std::fmt::Display) {
+    pub(super) fn add(&mut self, e: impl std::fmt::Display) {
         self.n += 1;
         if self.first.is_none() {
             self.first = Some(e.to_string());
         }
     }
-    fn merge(&mut self, o: Errs) {
+    pub(super) fn merge(&mut self, o: Errs) {
         self.n += o.n;
         if self.first.is_none() {
             self.first = o.first;
@@ -191,7 +194,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// One bench client: its own `Client` (own TLS connection, own session)
 /// asking for `session_timeout`.
-async fn connect(base: &ClientConfig, session_timeout: Duration) -> Result<Client> {
+pub(super) async fn connect(base: &ClientConfig, session_timeout: Duration) -> Result<Client> {
     let mut cfg = base.clone();
     cfg.session_timeout = session_timeout;
     timeout(CONNECT_TIMEOUT, Client::connect(cfg))
@@ -244,13 +247,13 @@ async fn release(guard: LockGuard) -> Result<()> {
 }
 
 /// A progress bar on stderr for one run (hidden unless stderr is a terminal).
-struct Progress {
-    bar: ProgressBar,
+pub(super) struct Progress {
+    pub(super) bar: ProgressBar,
     quiet: bool,
 }
 
 impl Progress {
-    fn new(cfg: &BenchCfg, prefix: String, len: u64, template: &str) -> Progress {
+    pub(super) fn new(cfg: &BenchCfg, prefix: String, len: u64, template: &str) -> Progress {
         let bar = if cfg.progress {
             let bar = ProgressBar::new(len);
             if let Ok(style) = ProgressStyle::with_template(template) {
@@ -302,7 +305,7 @@ impl Progress {
     }
 
     /// Clear the bar and print the run's summary line.
-    fn done(self, line: String) {
+    pub(super) fn done(self, line: String) {
         self.bar.finish_and_clear();
         if !self.quiet {
             eprintln!("{line}");
