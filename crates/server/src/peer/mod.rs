@@ -156,17 +156,17 @@ impl PeerResponse {
 }
 
 /// Encode a frame body.
-pub(crate) fn encode<T: Serialize>(frame: &Frame<T>) -> Result<bytes::Bytes, postcard::Error> {
+pub fn encode<T: Serialize>(frame: &Frame<T>) -> Result<bytes::Bytes, postcard::Error> {
     postcard::to_stdvec(frame).map(bytes::Bytes::from)
 }
 
 /// Decode a frame body.
-pub(crate) fn decode<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<Frame<T>, postcard::Error> {
+pub fn decode<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<Frame<T>, postcard::Error> {
     postcard::from_bytes(bytes)
 }
 
 /// The length-prefixed framing of the peer protocol.
-pub(crate) fn codec() -> tokio_util::codec::LengthDelimitedCodec {
+pub fn codec() -> tokio_util::codec::LengthDelimitedCodec {
     tokio_util::codec::LengthDelimitedCodec::builder()
         .length_field_type::<u32>()
         .max_frame_length(PEER_FRAME_BYTES_MAX)

@@ -384,6 +384,15 @@ fn read_error(e: OpenRaftError<NodeId, CheckIsLeaderError<NodeId, Member>>) -> R
     }
 }
 
+/// How long a batch's reply is still awaited after this node stopped
+/// leading the term it was submitted in. Normally it comes (the entry is
+/// applied here as a follower, or openraft answers ForwardToLeader when it
+/// is truncated); but openraft 0.9.25 never answers a write whose entry a
+/// snapshot install purged on a deposed leader that held no conflicting
+/// entry at the snapshot's index — and the batch's in-flight permit would
+/// be held for ever (found by `tests/turmoil_cluster.rs`).
+const DEPOSED_REPLY_GRACE: Duration = Duration::from_secs(3);
+
 /// Submit queued proposals as batches, in queue order, with at most
 /// `inflight` batches between submission and reply.
 async fn run_batcher(
@@ -419,9 +428,46 @@ async fn run_batcher(
                 fail_all(waiters, ProposeError::Fatal(fatal.to_string()));
             }
             Ok(reply_rx) => {
+                let mut metrics = raft.metrics();
+                let led = {
+                    let m = metrics.borrow_and_update();
+                    (m.state == ServerState::Leader).then_some(m.current_term)
+                };
                 tokio::spawn(async move {
-                    let res = reply_rx.await;
+                    let mut reply_rx = std::pin::pin!(reply_rx);
+                    let res = loop {
+                        tokio::select! {
+                            biased;
+                            r = &mut reply_rx => break Some(r),
+                            changed = metrics.changed(), if led.is_some() => {
+                                let deposed = changed.is_err() || {
+                                    let m = metrics.borrow_and_update();
+                                    m.state != ServerState::Leader || Some(m.current_term) != led
+                                };
+                                if deposed {
+                                    break tokio::time::timeout(DEPOSED_REPLY_GRACE, &mut reply_rx)
+                                        .await
+                                        .ok();
+                                }
+                            }
+                        }
+                    };
                     drop(permit);
+                    let Some(res) = res else {
+                        tracing::warn!(
+                            commands = waiters.len(),
+                            "no reply for a batch {DEPOSED_REPLY_GRACE:?} after this node stopped \
+                             leading its term; its outcome is unknown"
+                        );
+                        fail_all(
+                            waiters,
+                            ProposeError::Other(
+                                "leadership lost before the entry was applied; outcome unknown"
+                                    .into(),
+                            ),
+                        );
+                        return;
+                    };
                     match res {
                         Ok(Ok(resp)) => {
                             let index = resp.log_id.index;
