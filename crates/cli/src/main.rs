@@ -91,6 +91,13 @@ struct IssueArgs {
     san: Vec<String>,
 }
 
+/// jemalloc instead of the system allocator: under glibc malloc a leader
+/// that had served a million LOCKs kept ~1.5 GiB resident for a live heap
+/// under 0.5 GiB (fragmentation across threads); jemalloc gives it back.
+#[cfg(not(target_env = "msvc"))]
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // Servers log their life at info; client commands speak only when

@@ -56,6 +56,9 @@ const KEY_VOTE: &str = "vote";
 const KEY_COMMITTED: &str = "committed";
 const KEY_PURGED: &str = "last_purged";
 
+/// redb's page cache for the log file (its default is 1 GiB).
+pub const LOG_CACHE_BYTES: usize = 32 << 20;
+
 /// Entries kept in memory after they are written (see the module docs).
 pub const TAIL_ENTRIES: usize = 512;
 
@@ -167,7 +170,12 @@ impl LogStore {
         std::fs::create_dir_all(data_dir)
             .map_err(|e| StoreError::io("create directory", data_dir, e))?;
         let path = data_dir.join(LOG_FILE);
-        let db = Database::create(&path)?;
+        // redb's page cache defaults to 1 GiB and grows with the file; the
+        // log is read back rarely (the tail is in memory, catch-up reads are
+        // sequential), so a small cache keeps the resident size down.
+        let db = redb::Builder::new()
+            .set_cache_size(LOG_CACHE_BYTES)
+            .create(&path)?;
         let mut txn = db.begin_write()?;
         txn.set_durability(Durability::Immediate)?;
         {
