@@ -36,12 +36,27 @@ fn session_cfg(mut cfg: ClientConfig) -> ClientConfig {
 
 /// A client bound to node `id` only (it does not learn the others), with a
 /// short request timeout so that calls to a node without quorum end soon.
+/// Connecting is retried for up to 10 s while the node answers NOT_LEADER or
+/// UNAVAILABLE: nodes resumed after a long SIGSTOP may start an election
+/// (their election timeout passed while they were stopped) right after the
+/// cluster agreed on a leader, and HELLO fails until it is over.
 fn pinned_client(c: &TestCluster, rt: &tokio::runtime::Runtime, id: u64, who: &str) -> Client {
     let mut cfg = c.client_cfg(&[id], who);
     cfg.learn_endpoints = false;
     cfg.request_timeout = Duration::from_secs(3);
-    rt.block_on(Client::connect(cfg))
-        .unwrap_or_else(|e| c.fail(&format!("connect {who} to node {id}: {e}")))
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match rt.block_on(Client::connect(cfg.clone())) {
+            Ok(client) => return client,
+            Err(e @ (Error::NotLeader { .. } | Error::Unavailable { .. }))
+                if Instant::now() < deadline =>
+            {
+                println!("connect {who} to node {id}: {e}; retrying (an election?)");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err(e) => c.fail(&format!("connect {who} to node {id}: {e}")),
+        }
+    }
 }
 
 /// Every live node (through a client pinned to it) shows `name` held by
