@@ -937,7 +937,8 @@ impl Driver {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         };
-        // An idle second: only heartbeats (and nothing new to apply).
+        // An idle second of *simulated* time (turmoil drives tokio's clock;
+        // no wall-clock wait): count the heartbeats the followers get.
         let before = lock(&self.shared.append_entries).clone();
         tokio::time::sleep(Duration::from_secs(1)).await;
         let after = lock(&self.shared.append_entries).clone();

@@ -948,6 +948,8 @@ fn run_phases(run: &mut Run, steps: &[Step]) -> Summary {
             .collect::<Vec<_>>()
             .join(" ")
     ));
+    // Warm-up on purpose: the first fault falls on a loaded cluster (every
+    // client has its session and is acquiring), not on an idle one.
     std::thread::sleep(Duration::from_secs(2));
 
     // ---- Faults.
