@@ -430,6 +430,23 @@ key = "node.key"
         assert!(err_of(&MINIMAL.replace("[tls]", "[tlsx]")).contains("tls"));
     }
 
+    /// The batching settings at their edges: 1 and 64 in flight are
+    /// accepted, 0 and 65 are not; at least one command per batch.
+    #[test]
+    fn batching_settings_are_bounded() {
+        let raft = |body: &str| format!("{MINIMAL}\n[raft]\n{body}\n");
+        for ok in [
+            "max_inflight_batches = 1",
+            "max_inflight_batches = 64",
+            "max_batch_commands = 1",
+        ] {
+            ServerConfig::parse(&raft(ok)).unwrap_or_else(|e| panic!("{ok}: {e}"));
+        }
+        assert!(err_of(&raft("max_inflight_batches = 0")).contains("raft.max_inflight_batches"));
+        assert!(err_of(&raft("max_inflight_batches = 65")).contains("raft.max_inflight_batches"));
+        assert!(err_of(&raft("max_batch_commands = 0")).contains("raft.max_batch_commands"));
+    }
+
     #[test]
     fn relative_paths_resolve_against_the_file() {
         let dir = tempfile::tempdir().expect("tempdir");
