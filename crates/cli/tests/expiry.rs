@@ -289,9 +289,14 @@ fn server_stall_of_twice_the_session_timeout_does_not_expire_a_live_session() {
             .await
             .expect("the holder takes the lock");
         let token = guard.token();
-        let waiter = Client::connect(connect_config(&bob_toml))
-            .await
-            .expect("connect the waiter");
+        // Bob's session outlives the stall and his client's reconnect after
+        // it by a wide margin: this test is about the holder's session. (A
+        // 3 s session can expire legitimately here when bob's client is in
+        // its reconnect backoff — up to 2 s — at SIGCONT on a loaded
+        // machine; seen once in a full workspace run.)
+        let mut bob_cfg = connect_config(&bob_toml);
+        bob_cfg.session_timeout = Duration::from_secs(15);
+        let waiter = Client::connect(bob_cfg).await.expect("connect the waiter");
         let waiting = tokio::spawn(async move {
             let r = waiter
                 .lock("default", "stall")

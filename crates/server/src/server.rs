@@ -71,7 +71,8 @@ pub async fn run(
                 source,
             })?;
     let identity = DataIdentity::open(&cfg.data_dir)?;
-    let raft_fresh = !cfg.data_dir.join(crate::raft::LOG_FILE).exists();
+    let raft_fresh = !cfg.data_dir.join(crate::raft::LOG_DIR).exists()
+        && !cfg.data_dir.join(crate::raft::LEGACY_LOG_FILE).exists();
     if identity.cluster_id().is_none() {
         if bootstrap && raft_fresh {
             identity.set_cluster_id(rand::random::<u128>().max(1))?;

@@ -17,12 +17,12 @@ use oclocks_core::{
 };
 use oclocks_server::raft::{
     AppliedBatch, LogStore, Member, NodeOptions, ProposeError, RaftError, RaftNode, RaftOptions,
-    StateMachineStore, StoreError, TypeConfig, LOG_FILE, SNAPSHOT_DIR, SNAPSHOT_FILE,
+    StateMachineStore, StoreError, TypeConfig, LEGACY_LOG_FILE, LOG_DIR, SNAPSHOT_DIR,
+    SNAPSHOT_FILE,
 };
 use openraft::storage::RaftStateMachine;
 use openraft::testing::{StoreBuilder, Suite};
 use openraft::{ErrorSubject, ErrorVerb, StorageError};
-use redb::{ReadableDatabase, ReadableTable};
 use tempfile::TempDir;
 use tokio::sync::mpsc;
 
@@ -504,42 +504,42 @@ async fn corrupt_snapshot_is_a_typed_error() {
     assert_eq!(std::fs::read(&file).unwrap(), good);
 }
 
-const LOG_TABLE: redb::TableDefinition<u64, &[u8]> = redb::TableDefinition::new("log");
-const META_TABLE: redb::TableDefinition<&str, u64> = redb::TableDefinition::new("meta");
-
-fn poke_log(dir: &Path, f: impl FnOnce(&mut redb::Table<u64, &[u8]>)) {
-    let db = redb::Database::create(dir.join(LOG_FILE)).unwrap();
-    let txn = db.begin_write().unwrap();
-    {
-        let mut t = txn.open_table(LOG_TABLE).unwrap();
-        f(&mut t);
-    }
-    txn.commit().unwrap();
+/// The last entry of the log in `dir` (the node must be stopped).
+async fn last_entry(dir: &Path) -> openraft::LogId<u64> {
+    let log = LogStore::open(dir).unwrap();
+    let (_, last) = log.load_log_state().await.unwrap();
+    last.expect("entries")
 }
 
-fn last_index(dir: &Path) -> u64 {
-    let db = redb::Database::create(dir.join(LOG_FILE)).unwrap();
-    let txn = db.begin_read().unwrap();
-    let t = txn.open_table(LOG_TABLE).unwrap();
-    let last = t.last().unwrap().expect("entries");
-    last.0.value()
+/// Append a committed entry holding `payload` (bytes that pass the WAL's
+/// checksum) after the last one of the log in `dir`; its index.
+async fn poke_next(dir: &Path, payload: Vec<u8>) -> u64 {
+    let last = last_entry(dir).await;
+    let id = openraft::LogId::new(last.leader_id, last.index + 1);
+    let log = LogStore::open(dir).unwrap();
+    log.append_raw_for_tests(id, payload).await.unwrap();
+    id.index
+}
+
+fn only(index: u64) -> (std::ops::Bound<u64>, std::ops::Bound<u64>) {
+    (
+        std::ops::Bound::Included(index),
+        std::ops::Bound::Included(index),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn corrupt_log_value_is_a_typed_error() {
     let dir = populated_dir().await;
-    let last = last_index(dir.path());
-    let all = (std::ops::Bound::Unbounded, std::ops::Bound::Unbounded);
+    let good = last_entry(dir.path()).await;
 
-    // Garbage after a valid version byte.
-    poke_log(dir.path(), |t| {
-        t.insert(last, [1u8, 0xff, 0xff, 0xff].as_slice()).unwrap();
-    });
+    // Garbage after a valid version byte, committed: a restart re-applies
+    // it and must fail with a typed error.
+    let at = poke_next(dir.path(), vec![1u8, 0xff, 0xff, 0xff]).await;
     {
         let log = LogStore::open(dir.path()).unwrap();
-        let err = log.load_entries(all).await.expect_err("decode error");
+        let err = log.load_entries(only(at)).await.expect_err("decode error");
         assert!(matches!(err, StoreError::Decode { .. }), "{err}");
-        assert!(log.load_log_state().await.is_err());
     }
     match RaftNode::start(options(dir.path(), false, fast())).await {
         Err(RaftError::Start(msg)) => assert!(msg.contains("does not decode"), "{msg}"),
@@ -548,54 +548,75 @@ async fn corrupt_log_value_is_a_typed_error() {
     }
 
     // An entry from a newer format.
-    poke_log(dir.path(), |t| {
-        t.insert(last, [7u8, 0, 0].as_slice()).unwrap();
-    });
+    let at = poke_next(dir.path(), vec![7u8, 0, 0]).await;
     {
         let log = LogStore::open(dir.path()).unwrap();
-        let err = log.load_entries(all).await.expect_err("version error");
+        let err = log.load_entries(only(at)).await.expect_err("version error");
         assert!(
             matches!(err, StoreError::UnsupportedVersion { found: 7, .. }),
             "{err}"
         );
     }
 
-    // An entry stored under the wrong index.
-    poke_log(dir.path(), |t| {
-        let prev = t.get(last - 1).unwrap().unwrap().value().to_vec();
-        t.insert(last, prev.as_slice()).unwrap();
-    });
+    // An entry stored under the wrong log id: the bytes of an earlier one.
+    let earlier = {
+        let log = LogStore::open(dir.path()).unwrap();
+        let e = log.load_entries(only(good.index)).await.unwrap();
+        assert_eq!(e.len(), 1);
+        LogStore::encode_entry_for_tests(&e[0]).unwrap()
+    };
+    let at = poke_next(dir.path(), earlier).await;
     {
         let log = LogStore::open(dir.path()).unwrap();
-        let err = log.load_entries(all).await.expect_err("index mismatch");
+        let err = log
+            .load_entries(only(at))
+            .await
+            .expect_err("index mismatch");
         assert!(matches!(err, StoreError::Corrupt { .. }), "{err}");
     }
 
     // Empty value.
-    poke_log(dir.path(), |t| {
-        t.insert(last, [].as_slice()).unwrap();
-    });
+    let at = poke_next(dir.path(), vec![]).await;
     {
         let log = LogStore::open(dir.path()).unwrap();
         assert!(matches!(
-            log.load_entries(all).await,
+            log.load_entries(only(at)).await,
             Err(StoreError::Corrupt { .. })
         ));
     }
 }
 
-#[test]
-fn newer_log_store_format_is_refused() {
+/// A flipped byte inside the WAL (not its last record) fails the record's
+/// checksum: opening the store is a typed error, never a panic or a
+/// silently shorter log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn damaged_log_file_is_a_typed_error() {
+    let dir = populated_dir().await;
+    let log_dir = dir.path().join(LOG_DIR);
+    let mut chunks: Vec<_> = std::fs::read_dir(&log_dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.is_file() && std::fs::metadata(p).unwrap().len() > 256)
+        .collect();
+    chunks.sort();
+    let chunk = chunks.first().expect("a chunk file with records");
+    let mut bytes = std::fs::read(chunk).unwrap();
+    let at = bytes.len() / 2;
+    bytes[at] ^= 0x5a;
+    std::fs::write(chunk, &bytes).unwrap();
+    match LogStore::open(dir.path()) {
+        Err(StoreError::Wal { action, .. }) => assert_eq!(action, "open"),
+        Err(e) => panic!("unexpected error {e}"),
+        Ok(_) => panic!("opened a damaged log"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn newer_log_store_format_is_refused() {
     let dir = tempfile::tempdir().unwrap();
-    drop(LogStore::open(dir.path()).unwrap());
     {
-        let db = redb::Database::create(dir.path().join(LOG_FILE)).unwrap();
-        let txn = db.begin_write().unwrap();
-        txn.open_table(META_TABLE)
-            .unwrap()
-            .insert("format_version", 99)
-            .unwrap();
-        txn.commit().unwrap();
+        let log = LogStore::open(dir.path()).unwrap();
+        log.set_format_version_for_tests(99).await.unwrap();
     }
     assert!(matches!(
         LogStore::open(dir.path()),
@@ -604,10 +625,26 @@ fn newer_log_store_format_is_refused() {
 }
 
 #[test]
+fn legacy_redb_log_is_refused_with_a_clear_message() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join(LEGACY_LOG_FILE), b"redb").unwrap();
+    match LogStore::open(dir.path()) {
+        Err(StoreError::Corrupt { detail, .. }) => {
+            assert!(detail.contains("join it again"), "{detail}")
+        }
+        Err(e) => panic!("unexpected error {e}"),
+        Ok(_) => panic!("opened a legacy data directory"),
+    }
+}
+
+#[test]
 fn data_dir_in_use_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let _open = LogStore::open(dir.path()).unwrap();
-    assert!(matches!(LogStore::open(dir.path()), Err(StoreError::Db(_))));
+    assert!(matches!(
+        LogStore::open(dir.path()),
+        Err(StoreError::Wal { action: "open", .. })
+    ));
 }
 
 // ----------------------------------------------------------------------

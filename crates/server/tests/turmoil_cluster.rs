@@ -2,7 +2,7 @@
 //!
 //! Each node is a turmoil host running the server's real consensus layer:
 //! `RaftNode::start_with_transport` with the server's `RaftOptions` (its
-//! openraft config), the redb `LogStore` and the snapshot-backed state
+//! openraft config), the WAL-backed `LogStore` and the snapshot-backed state
 //! machine in a temporary data directory, and the lock `Engine`. The Raft
 //! RPCs travel over turmoil's simulated TCP, framed exactly like the peer
 //! protocol (`oclocks_server::peer`'s length-prefixed postcard `Frame`s, the
@@ -1378,7 +1378,7 @@ fn run_seed(seed: u64) -> Result<Summary, (String, Vec<String>)> {
 // The checks
 // ----------------------------------------------------------------------
 
-/// The committed log of `dir`, read back from its redb store.
+/// The committed log of `dir`, read back from its log store.
 fn read_log(dir: &Path) -> Result<Vec<Entry>, String> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

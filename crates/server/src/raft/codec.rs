@@ -6,7 +6,7 @@
 //! upgrade that renames or reorders its fields cannot silently change what
 //! is on disk, and a later release can still read what this one wrote.
 //! Snapshot files additionally end with a CRC-32 (log values are covered by
-//! redb's own page checksums).
+//! the WAL's CRC-32 per record).
 //!
 //! Must never: panic or `unwrap` on bytes read from disk or from a peer —
 //! every decoding failure is a [`StoreError`].
@@ -21,9 +21,10 @@ use super::error::StoreError;
 use super::member::{Member, MemberRole};
 use super::{Entry, LogId, NodeId, Proposal, Vote};
 
-/// Version of the log store's layout (tables and their meaning), recorded in
-/// its `meta` table.
-pub(crate) const STORE_FORMAT_VERSION: u64 = 1;
+/// Version of the log store's layout (records and their meaning), recorded
+/// as the WAL's user data. 1 was the redb store of earlier development
+/// builds (`raft-log.redb`); 2 is the WAL in `raft-log/`.
+pub(crate) const STORE_FORMAT_VERSION: u64 = 2;
 /// Version byte of log entries, votes and log ids in the log store.
 pub(crate) const VALUE_VERSION: u8 = 1;
 /// Version byte of snapshot files (and of snapshot data sent to peers).
@@ -242,29 +243,6 @@ pub(crate) fn decode_entry(index: u64, bytes: &[u8]) -> Result<Entry, StoreError
     Ok(Entry { log_id, payload })
 }
 
-/// The log id of the entry stored under `index`, decoding only the prefix
-/// of the value (the log id is the first field).
-pub(crate) fn decode_entry_log_id(index: u64, bytes: &[u8]) -> Result<LogId, StoreError> {
-    let what = || format!("log entry {index}");
-    let body = split_version(&what(), bytes, VALUE_VERSION)?;
-    let (id, _rest): (LogIdV1, &[u8]) =
-        postcard::take_from_bytes(body).map_err(|source| StoreError::Decode {
-            what: what(),
-            source,
-        })?;
-    let log_id = id.into_log_id();
-    if log_id.index != index {
-        return Err(StoreError::Corrupt {
-            what: what(),
-            detail: format!(
-                "stored under index {index} but names index {}",
-                log_id.index
-            ),
-        });
-    }
-    Ok(log_id)
-}
-
 pub(crate) fn encode_vote(vote: &Vote) -> Result<Vec<u8>, StoreError> {
     versioned(
         "vote",
@@ -284,16 +262,6 @@ pub(crate) fn decode_vote(bytes: &[u8]) -> Result<Vote, StoreError> {
         leader_id: LeaderId::new(v.term, v.node_id),
         committed: v.committed,
     })
-}
-
-pub(crate) fn encode_log_id(what: &str, id: &LogId) -> Result<Vec<u8>, StoreError> {
-    versioned(what, VALUE_VERSION, &LogIdV1::from_log_id(id))
-}
-
-pub(crate) fn decode_log_id(what: &str, bytes: &[u8]) -> Result<LogId, StoreError> {
-    let body = split_version(what, bytes, VALUE_VERSION)?;
-    let id: LogIdV1 = decode_body(what, body)?;
-    Ok(id.into_log_id())
 }
 
 // ----------------------------------------------------------------------

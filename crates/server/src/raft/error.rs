@@ -27,10 +27,14 @@ pub enum StoreError {
         #[source]
         source: std::io::Error,
     },
-    /// The log database (redb) failed, e.g. the file is locked by another
-    /// process, or redb found a corrupt page.
-    #[error("raft log database: {0}")]
-    Db(#[source] Box<redb::Error>),
+    /// The Raft log (the WAL) failed, e.g. its directory is locked by
+    /// another process, a record fails its checksum, or a write failed.
+    #[error("raft log: cannot {action}: {source}")]
+    Wal {
+        action: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
     /// Data written by a newer release (or garbage in the version byte).
     #[error("{what} has format version {found}; this build reads up to {supported}")]
     UnsupportedVersion {
@@ -62,25 +66,6 @@ pub enum StoreError {
     #[error("storage task failed: {0}")]
     Task(String),
 }
-
-macro_rules! from_redb {
-    ($($t:ty),*) => {$(
-        impl From<$t> for StoreError {
-            fn from(e: $t) -> StoreError {
-                StoreError::Db(Box::new(redb::Error::from(e)))
-            }
-        }
-    )*};
-}
-from_redb!(
-    redb::Error,
-    redb::DatabaseError,
-    redb::TransactionError,
-    redb::TableError,
-    redb::StorageError,
-    redb::CommitError,
-    redb::SetDurabilityError
-);
 
 impl StoreError {
     pub(crate) fn io(

@@ -1,8 +1,8 @@
 //! Consensus and storage: the lock engine replicated with openraft, on a
-//! durable redb log and snapshot files.
+//! durable write-ahead log and snapshot files.
 //!
 //! Owns: everything that knows openraft — the type configuration
-//! ([`TypeConfig`]), the log store ([`LogStore`], `<data_dir>/raft-log.redb`),
+//! ([`TypeConfig`]), the log store ([`LogStore`], `<data_dir>/raft-log/`),
 //! the state machine and snapshots ([`StateMachineStore`],
 //! `<data_dir>/snapshots/`), the peer-network seam ([`Network`],
 //! [`PeerTransport`]), and a running node ([`RaftNode`]) with its proposal
@@ -35,7 +35,7 @@ mod options;
 mod state_machine;
 
 pub use error::{ProposeError, RaftError, ReadError, StoreError};
-pub use log_store::{LogStats, LogStore, LOG_FILE};
+pub use log_store::{LogStats, LogStore, LEGACY_LOG_FILE, LOG_DIR};
 pub use member::{Member, MemberRole};
 pub use network::{Network, NoPeerTransport, NoPeers, PeerClient, PeerTransport, RpcError};
 pub use node::{Applied, NodeOptions, PendingReply, RaftNode};

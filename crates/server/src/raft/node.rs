@@ -46,7 +46,7 @@ use super::{NodeId, Proposal, Raft};
 #[derive(Clone, Debug)]
 pub struct NodeOptions {
     pub node_id: NodeId,
-    /// Holds `raft-log.redb` and `snapshots/`.
+    /// Holds `raft-log/` and `snapshots/`.
     pub data_dir: PathBuf,
     /// The engine's limits (must be the same on every replica).
     pub limits: EngineLimits,

@@ -1,5 +1,5 @@
 //! The cluster's own record, read after the run: every node's Raft log
-//! (its redb file, opened once the node is stopped) is replayed through a
+//! (its log store, opened once the node is stopped) is replayed through a
 //! fresh lock engine — exactly what each replica's state machine did — and
 //! the replay yields:
 //!
