@@ -13,7 +13,7 @@
 #   4. waits until every node applied the whole log, then reads each
 #      server's VmRSS / VmHWM / RssAnon (/proc/PID/status), its applied index
 #      and holders (/metrics), and the sizes of snapshots/current.snap and
-#      raft-log.redb;
+#      raft-log/ (the Raft log's chunk files);
 #   5. for each of RESTART (default "follower leader"): SIGKILLs that node
 #      and starts it again with the same command line minus --bootstrap
 #      (`oclocks server --config DIR/nodeN.toml`), and measures spawn ->
@@ -142,6 +142,8 @@ now() { date +%s.%N; }
 secs_since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.2f", b - a }'; }
 mib() { awk -v k="${1:-0}" 'BEGIN { printf "%.0f", k / 1024 }'; }
 file_mib() { if [ -f "$1" ]; then awk -v b="$(stat -c %s "$1")" 'BEGIN { printf "%.1f", b / 1048576 }'; else echo "-"; fi; }
+# Apparent size of the files under a directory (the WAL's chunk files).
+dir_mib() { if [ -d "$1" ]; then du -sb "$1" | awk '{ printf "%.1f", $1 / 1048576 }'; else echo "-"; fi; }
 status_kb() { awk -v k="$2:" '$1 == k { print $2 }' "/proc/$1/status" 2>/dev/null || true; }
 
 node_field() { jq -r --argjson id "$1" ".[] | select(.id == \$id) | .$2" "$DIR/cluster.json"; }
@@ -273,17 +275,17 @@ LEADER=$(leader)
 
 node_table() {
   local id pid role t0 ms
-  echo "| node | role | pid | applied index | holders | VmRSS MiB | VmHWM MiB | RssAnon MiB | RSS at start MiB | threads | snapshot MiB | raft-log.redb MiB | /metrics scrape ms |"
+  echo "| node | role | pid | applied index | holders | VmRSS MiB | VmHWM MiB | RssAnon MiB | RSS at start MiB | threads | snapshot MiB | raft-log/ MiB | /metrics scrape ms |"
   echo "|--:|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"
   for id in "${NODES[@]}"; do
     pid=${NODE_PID[$id]}
     if [ -n "${DOWN[$id]:-}" ]; then
-      echo "| $id | down | - | - | - | - | - | - | $(mib "${BASE_RSS[$id]:-0}") | - | $(file_mib "$(data_of "$id")/snapshots/current.snap") | $(file_mib "$(data_of "$id")/raft-log.redb") | - |"
+      echo "| $id | down | - | - | - | - | - | - | $(mib "${BASE_RSS[$id]:-0}") | - | $(file_mib "$(data_of "$id")/snapshots/current.snap") | $(dir_mib "$(data_of "$id")/raft-log") | - |"
       continue
     fi
     role=follower; [ "$(metric "$id" raft_is_leader)" = 1 ] && role=leader
     ms=$(curl -s -o /dev/null -w '%{time_total}' --max-time 10 "http://$(http_of "$id")/metrics" | awk '{ printf "%.0f", $1 * 1000 }')
-    echo "| $id | $role | $pid | $(metric "$id" raft_applied_index) | $(metric "$id" holders) | $(mib "$(status_kb "$pid" VmRSS)") | $(mib "$(status_kb "$pid" VmHWM)") | $(mib "$(status_kb "$pid" RssAnon)") | $(mib "${BASE_RSS[$id]:-0}") | $(status_kb "$pid" Threads) | $(file_mib "$(data_of "$id")/snapshots/current.snap") | $(file_mib "$(data_of "$id")/raft-log.redb") | $ms |"
+    echo "| $id | $role | $pid | $(metric "$id" raft_applied_index) | $(metric "$id" holders) | $(mib "$(status_kb "$pid" VmRSS)") | $(mib "$(status_kb "$pid" VmHWM)") | $(mib "$(status_kb "$pid" RssAnon)") | $(mib "${BASE_RSS[$id]:-0}") | $(status_kb "$pid" Threads) | $(file_mib "$(data_of "$id")/snapshots/current.snap") | $(dir_mib "$(data_of "$id")/raft-log") | $ms |"
   done
 }
 AFTER_FILL=$(node_table)

@@ -103,6 +103,10 @@ impl Default for LimitsConfig {
     }
 }
 
+/// Largest `[raft] batch_linger_us`: a linger is meant to be a fraction of
+/// a commit, never a visible delay.
+pub const MAX_BATCH_LINGER_US: u64 = 10_000;
+
 /// Raft timing, in milliseconds.
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, default)]
@@ -121,6 +125,9 @@ pub struct RaftConfig {
     /// than one, the leader makes the next batch durable while the
     /// followers store the previous one.
     pub max_inflight_batches: usize,
+    /// How long a batch may wait, in µs, for the next requests of the
+    /// clients the previous batch just answered (0: propose at once).
+    pub batch_linger_us: u64,
 }
 
 impl Default for RaftConfig {
@@ -133,6 +140,7 @@ impl Default for RaftConfig {
             logs_kept_after_snapshot: 1_000,
             max_batch_commands: 128,
             max_inflight_batches: 1,
+            batch_linger_us: 500,
         }
     }
 }
@@ -293,6 +301,12 @@ impl ServerConfig {
                 "must be between 1 and 64",
             ));
         }
+        if r.batch_linger_us > MAX_BATCH_LINGER_US {
+            return Err(invalid(
+                "raft.batch_linger_us",
+                "must be at most 10000 (10 ms)",
+            ));
+        }
         if r.election_timeout_ms_max <= r.election_timeout_ms_min {
             return Err(invalid(
                 "raft.election_timeout_ms_max",
@@ -439,12 +453,15 @@ key = "node.key"
             "max_inflight_batches = 1",
             "max_inflight_batches = 64",
             "max_batch_commands = 1",
+            "batch_linger_us = 0",
+            "batch_linger_us = 10000",
         ] {
             ServerConfig::parse(&raft(ok)).unwrap_or_else(|e| panic!("{ok}: {e}"));
         }
         assert!(err_of(&raft("max_inflight_batches = 0")).contains("raft.max_inflight_batches"));
         assert!(err_of(&raft("max_inflight_batches = 65")).contains("raft.max_inflight_batches"));
         assert!(err_of(&raft("max_batch_commands = 0")).contains("raft.max_batch_commands"));
+        assert!(err_of(&raft("batch_linger_us = 10001")).contains("raft.batch_linger_us"));
     }
 
     #[test]

@@ -101,6 +101,7 @@ pub async fn run(
         logs_kept_after_snapshot: cfg.raft.logs_kept_after_snapshot,
         max_batch_commands: cfg.raft.max_batch_commands,
         max_inflight_batches: cfg.raft.max_inflight_batches,
+        batch_linger_us: cfg.raft.batch_linger_us,
         elect: cfg.role != MemberRole::QuorumOnly,
         ..RaftOptions::default()
     };

@@ -59,6 +59,8 @@ pub struct Proposal {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ProposalReply {
     pub replies: Vec<Reply>,
+    /// Waiting LOCKs this entry granted (their clients hear of it now).
+    pub granted: usize,
 }
 
 openraft::declare_raft_types!(

@@ -12,8 +12,12 @@
 //! that queued while the previous batch was being made durable as *one* log
 //! entry ([`Proposal`]): one append, one fsync, one apply; each command gets
 //! its own reply. Idle, a lone command goes out at once (no added latency);
-//! under load, batches grow up to `max_batch_commands`. Queue order is log
-//! order.
+//! under load, batches grow up to `max_batch_commands`. Right after a batch
+//! answered several clients, the next one lingers (≤ `batch_linger_us`)
+//! for their follow-up requests, so that a lock handoff's two requests —
+//! the released client's next LOCK and the new holder's RELEASE — share
+//! one commit instead of taking two (see `run_batcher`). Queue order is
+//! log order.
 //!
 //! Must never: acknowledge a command before its entry is committed and
 //! applied; hold the engine's lock across an `.await`; bootstrap a data
@@ -175,6 +179,7 @@ impl RaftNode {
             rx,
             opts.options.max_batch_commands,
             Arc::new(Semaphore::new(opts.options.max_inflight_batches)),
+            Duration::from_micros(opts.options.batch_linger_us),
         ));
         let node = RaftNode {
             id: opts.node_id,
@@ -393,14 +398,48 @@ fn read_error(e: OpenRaftError<NodeId, CheckIsLeaderError<NodeId, Member>>) -> R
 /// be held for ever (found by `tests/turmoil_cluster.rs`).
 const DEPOSED_REPLY_GRACE: Duration = Duration::from_secs(3);
 
+/// A hint older than this when the next command arrives says nothing about
+/// it (see [`FollowUps`]).
+const FOLLOW_UP_HINT_FRESH: Duration = Duration::from_millis(1);
+
+/// What the last answered batch suggests about the next one: its answers
+/// (final replies and grants) went to `answered` clients at `at`, and a
+/// client that just got what it waited for usually sends its next request
+/// within a round trip — the released client its next LOCK, the new holder
+/// its RELEASE. Proposing the first of those alone would make the rest wait
+/// a whole commit for the next batch.
+#[derive(Clone, Copy, Debug)]
+struct FollowUps {
+    answered: usize,
+    at: tokio::time::Instant,
+}
+
+/// Answers in `replies` (plus `granted` waiting LOCKs) that end what a
+/// client waited for: all but "queued" (the client waits on) and
+/// keepalives (answered to the server's own keepalive batcher).
+fn answered(replies: &[Reply], granted: usize) -> usize {
+    granted
+        + replies
+            .iter()
+            .filter(|r| !matches!(r, Reply::Queued { .. } | Reply::Keepalive(_)))
+            .count()
+}
+
 /// Submit queued proposals as batches, in queue order, with at most
 /// `inflight` batches between submission and reply.
+///
+/// Lingering: when the previous batch answered `n` > 1 clients moments
+/// ago, a batch waits up to `linger` after its first command for as many
+/// as `n` commands before it is proposed (never longer; `linger` zero
+/// turns it off). One client's request (`n` = 1) goes out at once.
 async fn run_batcher(
     raft: Raft,
     mut rx: mpsc::Receiver<Pending>,
     max_batch: usize,
     inflight: Arc<Semaphore>,
+    linger: Duration,
 ) {
+    let follow_ups: Arc<Mutex<Option<FollowUps>>> = Arc::new(Mutex::new(None));
     loop {
         // Take the slot first: while waiting for it, proposals pile up and
         // the next batch gets all of them.
@@ -412,6 +451,7 @@ async fn run_batcher(
         };
         let mut commands = vec![first.cmd];
         let mut waiters = vec![first.tx];
+        let first_at = tokio::time::Instant::now();
         while commands.len() < max_batch {
             match rx.try_recv() {
                 Ok(p) => {
@@ -419,6 +459,26 @@ async fn run_batcher(
                     waiters.push(p.tx);
                 }
                 Err(_) => break,
+            }
+        }
+        let hint = follow_ups
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(h) = hint
+            .filter(|h| !linger.is_zero() && first_at.duration_since(h.at) < FOLLOW_UP_HINT_FRESH)
+        {
+            let want = h.answered.min(max_batch);
+            let deadline = first_at + linger;
+            while commands.len() < want {
+                match tokio::time::timeout_at(deadline, rx.recv()).await {
+                    Ok(Some(p)) => {
+                        commands.push(p.cmd);
+                        waiters.push(p.tx);
+                    }
+                    // Closed (submit what we have) or lingered enough.
+                    Ok(None) | Err(_) => break,
+                }
             }
         }
         tracing::trace!(commands = commands.len(), "submitting a batch");
@@ -433,6 +493,7 @@ async fn run_batcher(
                     let m = metrics.borrow_and_update();
                     (m.state == ServerState::Leader).then_some(m.current_term)
                 };
+                let follow_ups = follow_ups.clone();
                 tokio::spawn(async move {
                     let mut reply_rx = std::pin::pin!(reply_rx);
                     let res = loop {
@@ -452,6 +513,14 @@ async fn run_batcher(
                             }
                         }
                     };
+                    if let Some(Ok(Ok(resp))) = &res {
+                        let n = answered(&resp.data.replies, resp.data.granted);
+                        *follow_ups.lock().unwrap_or_else(PoisonError::into_inner) =
+                            (n > 1).then(|| FollowUps {
+                                answered: n,
+                                at: tokio::time::Instant::now(),
+                            });
+                    }
                     drop(permit);
                     let Some(res) = res else {
                         tracing::warn!(
@@ -507,5 +576,28 @@ async fn run_batcher(
 fn fail_all(waiters: Vec<oneshot::Sender<Result<Applied, ProposeError>>>, e: ProposeError) {
     for w in waiters {
         let _ = w.send(Err(e.clone()));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn answered_counts_what_ends_a_wait() {
+        let replies = vec![
+            Reply::Granted { token: 3 },
+            Reply::Queued { position: 2 },
+            Reply::Released {
+                already_released: false,
+            },
+            Reply::Keepalive(vec![Ok(())]),
+        ];
+        // The grant and the release answer their clients; the queued LOCK
+        // waits on and the keepalive is the server's own.
+        assert_eq!(answered(&replies, 0), 2);
+        // A waiting LOCK granted by the same entry is one more.
+        assert_eq!(answered(&replies, 1), 3);
+        assert_eq!(answered(&[], 0), 0);
     }
 }

@@ -46,6 +46,10 @@ pub struct RaftOptions {
     /// is being made durable — the largest batches, the fewest fsyncs.
     /// Default 1.
     pub max_inflight_batches: usize,
+    /// How long a batch may wait for the follow-up requests of the clients
+    /// the previous batch just answered (see `run_batcher`), in µs; 0 turns
+    /// it off. Default 500.
+    pub batch_linger_us: u64,
     /// Proposals queued for batching before `propose` waits. Default 16,384.
     pub proposal_queue_max: usize,
     /// Whether this node may campaign to lead (`false`: a quorum-only
@@ -67,6 +71,7 @@ impl Default for RaftOptions {
             max_payload_entries: 64,
             max_batch_commands: 128,
             max_inflight_batches: 1,
+            batch_linger_us: 500,
             proposal_queue_max: 16_384,
             elect: true,
         }

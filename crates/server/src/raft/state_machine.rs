@@ -344,6 +344,10 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                             effects.extend(applied.effects);
                         }
                     }
+                    let granted = effects
+                        .iter()
+                        .filter(|e| matches!(e, Effect::Granted { .. }))
+                        .count();
                     if !effects.is_empty() {
                         // A closed receiver means nobody delivers effects
                         // (shutting down, or a test): nothing to do.
@@ -353,7 +357,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                             resync: false,
                         });
                     }
-                    ProposalReply { replies }
+                    ProposalReply { replies, granted }
                 }
             };
             self.last_applied = Some(log_id);
