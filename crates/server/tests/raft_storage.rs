@@ -651,6 +651,68 @@ fn data_dir_in_use_is_refused() {
 // Group commit
 // ----------------------------------------------------------------------
 
+fn release(node: &RaftNode, client: u128, name: &str, token: Token) -> Command {
+    cmd(
+        node,
+        Op::Release {
+            caller: caller(client),
+            zone: "default".into(),
+            name: name.into(),
+            token,
+            key: None,
+        },
+    )
+}
+
+/// The batcher's linger: right after a batch answered two clients (a
+/// release, and the grant it handed to the waiter), their next requests —
+/// the new holder's RELEASE, then 2 ms later the old holder's next LOCK —
+/// go out as ONE log entry; with the linger off, as two. (The linger is
+/// 20 ms here so that the 2 ms gap holds on a loaded machine.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn linger_puts_a_handoffs_follow_ups_in_one_entry() {
+    for (linger_us, want_entries) in [(20_000, 1), (0, 2)] {
+        let dir = tempfile::tempdir().unwrap();
+        let raft = RaftOptions {
+            batch_linger_us: linger_us,
+            ..fast()
+        };
+        let (node, _feed) = start_leader(dir.path(), true, raft).await;
+        node.propose(open_session(&node, 1)).await.unwrap();
+        node.propose(open_session(&node, 2)).await.unwrap();
+        let t1 = granted(&node, lock(&node, 1, "h", 1, 0)).await;
+        match node.propose(lock(&node, 2, "h", 1, 60_000)).await {
+            Ok(Reply::Queued { .. }) => {}
+            other => panic!("expected client 2 to queue, got {other:?}"),
+        }
+        match node.propose(release(&node, 1, "h", t1)).await {
+            Ok(Reply::Released { .. }) => {}
+            other => panic!("expected a release, got {other:?}"),
+        }
+        let t2 = holder_token(&node, "h").await.expect("client 2 holds");
+        assert!(t2 > t1);
+
+        let stats = node.log_stats();
+        let before = stats.entries_appended.load(Ordering::Relaxed);
+        let n2 = node.clone();
+        let second = tokio::spawn(async move { n2.propose(release(&n2, 2, "h", t2)).await });
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        let again = node.propose(lock(&node, 1, "h", 2, 0)).await;
+        let released = second.await.unwrap();
+        assert!(
+            matches!(released, Ok(Reply::Released { .. })),
+            "{released:?}"
+        );
+        assert!(matches!(again, Ok(Reply::Granted { .. })), "{again:?}");
+        let entries = stats.entries_appended.load(Ordering::Relaxed) - before;
+        assert_eq!(
+            entries, want_entries,
+            "linger {linger_us} us: the two follow-ups took {entries} log entries"
+        );
+        node.shutdown().await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn group_commit_shares_fsyncs() {
     let dir = tempfile::tempdir().unwrap();

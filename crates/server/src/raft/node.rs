@@ -398,8 +398,8 @@ fn read_error(e: OpenRaftError<NodeId, CheckIsLeaderError<NodeId, Member>>) -> R
 /// be held for ever (found by `tests/turmoil_cluster.rs`).
 const DEPOSED_REPLY_GRACE: Duration = Duration::from_secs(3);
 
-/// A hint older than this when the next command arrives says nothing about
-/// it (see [`FollowUps`]).
+/// A hint older than this (or twice the linger, if longer) when the next
+/// command arrives says nothing about it (see [`FollowUps`]).
 const FOLLOW_UP_HINT_FRESH: Duration = Duration::from_millis(1);
 
 /// What the last answered batch suggests about the next one: its answers
@@ -440,6 +440,7 @@ async fn run_batcher(
     linger: Duration,
 ) {
     let follow_ups: Arc<Mutex<Option<FollowUps>>> = Arc::new(Mutex::new(None));
+    let fresh = FOLLOW_UP_HINT_FRESH.max(linger.saturating_mul(2));
     loop {
         // Take the slot first: while waiting for it, proposals pile up and
         // the next batch gets all of them.
@@ -465,8 +466,7 @@ async fn run_batcher(
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .take();
-        if let Some(h) = hint
-            .filter(|h| !linger.is_zero() && first_at.duration_since(h.at) < FOLLOW_UP_HINT_FRESH)
+        if let Some(h) = hint.filter(|h| !linger.is_zero() && first_at.duration_since(h.at) < fresh)
         {
             let want = h.answered.min(max_batch);
             let deadline = first_at + linger;
