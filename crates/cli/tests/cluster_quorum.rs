@@ -40,6 +40,8 @@ fn session_cfg(mut cfg: ClientConfig) -> ClientConfig {
 /// UNAVAILABLE: nodes resumed after a long SIGSTOP may start an election
 /// (their election timeout passed while they were stopped) right after the
 /// cluster agreed on a leader, and HELLO fails until it is over.
+/// (`Client::connect` itself asks again for up to `connect_timeout`; this
+/// loop allows a longer election on a loaded machine.)
 fn pinned_client(c: &TestCluster, rt: &tokio::runtime::Runtime, id: u64, who: &str) -> Client {
     let mut cfg = c.client_cfg(&[id], who);
     cfg.learn_endpoints = false;

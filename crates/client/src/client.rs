@@ -20,6 +20,7 @@ use oclocks_proto::{
 use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio::time::Instant;
 
+use crate::backoff::Backoff;
 use crate::config::{ClientConfig, RESERVED_IN_FLIGHT};
 use crate::conn::{
     body_name, close_established, dial_round, round_error, Answer, Command, Connector, Dial,
@@ -194,13 +195,35 @@ impl Client {
         });
         let mut endpoints = Endpoints::new(config.endpoints.clone(), config.learn_endpoints);
         let learn = config.learn_endpoints;
-        let (est, failures) = dial_round(dial.clone(), endpoints.round_order(), None, learn).await;
-        for (_, e) in &failures {
-            endpoints.learn(redirect_servers(e));
-        }
-        let mut est = match est {
-            Some(est) => est,
-            None => return Err(round_error(failures)),
+        // Servers that answer but cannot take a session yet (NOT_LEADER,
+        // UNAVAILABLE: an election, a cluster still forming) are asked
+        // again, with the reconnect backoff, for up to `connect_timeout`
+        // from the first attempt. Any other failure of a whole round ends
+        // `connect` at once.
+        let started = Instant::now();
+        let mut backoff = Backoff::new(config.reconnect_backoff_min, config.reconnect_backoff_max);
+        let mut est = loop {
+            let (est, failures) =
+                dial_round(dial.clone(), endpoints.round_order(), None, learn).await;
+            for (_, e) in &failures {
+                endpoints.learn(redirect_servers(e));
+            }
+            if let Some(est) = est {
+                break est;
+            }
+            let no_leader_yet = !failures.is_empty()
+                && failures
+                    .iter()
+                    .all(|(_, e)| matches!(e, Error::NotLeader { .. } | Error::Unavailable { .. }));
+            let delay = backoff.next_delay(&mut rand::thread_rng());
+            if !no_leader_yet || started.elapsed() + delay >= config.connect_timeout {
+                return Err(round_error(failures));
+            }
+            tracing::debug!(
+                ?delay,
+                "no server can open a session yet (no leader?): trying the endpoints again"
+            );
+            tokio::time::sleep(delay).await;
         };
         if est.hello.resumed {
             tracing::info!(

@@ -69,7 +69,8 @@ pub struct ClientConfig {
     #[serde(default = "defaults::request_timeout", with = "duration_serde")]
     pub request_timeout: Duration,
     /// Bound on one connection attempt: TCP connect plus TLS handshake plus
-    /// HELLO.
+    /// HELLO. Also how long [`crate::Client::connect`] keeps asking servers
+    /// that answer HELLO with NOT_LEADER or UNAVAILABLE (no leader yet).
     #[serde(default = "defaults::connect_timeout", with = "duration_serde")]
     pub connect_timeout: Duration,
     /// Reconnect backoff: the first delay (before jitter).

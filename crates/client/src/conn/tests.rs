@@ -724,6 +724,49 @@ async fn first_connect_fails_over_and_reports_every_endpoint() {
     );
 }
 
+/// HELLO refused with NOT_LEADER (an election) is asked again with the
+/// reconnect backoff until a server takes the session; when it never does,
+/// `connect` fails after about `connect_timeout`, not at the first refusal.
+#[tokio::test(start_paused = true)]
+async fn connect_rides_through_an_election() {
+    let (net, mut accepts) = MockNet::new();
+    let connect = tokio::spawn(Client::connect_with(config(&["a:1", "b:1"]), net.clone()));
+    // Two rounds over both servers, every HELLO refused.
+    for _ in 0..4 {
+        let mut peer = tokio::time::timeout(Duration::from_secs(10), Peer::accept(&mut accepts))
+            .await
+            .expect("the client asks again after NOT_LEADER");
+        let req = peer.recv().await;
+        peer.error(req.id, ErrorCode::NotLeader).await;
+    }
+    let mut peer = Peer::accept(&mut accepts).await;
+    peer.hello(CLUSTER, false, vec![]).await;
+    let client = connect.await.unwrap().unwrap();
+    assert!(client.session().endpoint.is_some());
+
+    // Never a leader: given up after connect_timeout (1 s here).
+    let started = tokio::time::Instant::now();
+    let connect = tokio::spawn(Client::connect_with(config(&["a:1"]), net.clone()));
+    let refuse = tokio::spawn(async move {
+        while let Some((endpoint, io)) = accepts.recv().await {
+            let mut peer = Peer {
+                endpoint,
+                io: Framed::new(io, RequestCodec::default()),
+            };
+            let req = peer.recv().await;
+            peer.error(req.id, ErrorCode::NotLeader).await;
+        }
+    });
+    let err = connect.await.unwrap().unwrap_err();
+    assert!(matches!(err, Error::NotLeader { .. }), "{err:?}");
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(500) && took <= Duration::from_millis(1500),
+        "gave up after {took:?}"
+    );
+    refuse.abort();
+}
+
 /// A server that never answers HELLO is given up after connect_timeout.
 #[tokio::test(start_paused = true)]
 async fn silent_server_times_out_at_connect() {
