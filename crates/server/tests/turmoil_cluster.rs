@@ -2000,14 +2000,9 @@ async fn wait_until(what: &str, secs: u64, mut f: impl FnMut() -> bool) -> Resul
     Ok(())
 }
 
-/// The leader is cut off with a proposal in flight (appended only to its
-/// own log); the others elect a leader, commit past a snapshot and purge
-/// the log; once healed, the old leader is caught up by InstallSnapshot
-/// (whose last index is beyond its own last entry, so openraft purges that
-/// entry instead of truncating it); then it is made leader again.
-async fn deposed_leader_scenario(shared: Arc<Shared>) -> Result<String, String> {
-    let start = tokio::time::Instant::now();
-    let now = || start.elapsed().as_millis() as u64;
+/// Wait for the three nodes, initialize the cluster on node 1 and wait
+/// for a leader.
+async fn initialize_and_elect(shared: &Shared) -> Result<(), String> {
     wait_until("three nodes", 5, || {
         lock(&shared.nodes).len() == NODES.len()
     })
@@ -2019,6 +2014,18 @@ async fn deposed_leader_scenario(shared: Arc<Shared>) -> Result<String, String> 
         .await
         .map_err(|e| format!("initialize: {e}"))?;
     wait_until("a leader", 10, || shared.leader().is_some()).await?;
+    Ok(())
+}
+
+/// The leader is cut off with a proposal in flight (appended only to its
+/// own log); the others elect a leader, commit past a snapshot and purge
+/// the log; once healed, the old leader is caught up by InstallSnapshot
+/// (whose last index is beyond its own last entry, so openraft purges that
+/// entry instead of truncating it); then it is made leader again.
+async fn deposed_leader_scenario(shared: Arc<Shared>) -> Result<String, String> {
+    let start = tokio::time::Instant::now();
+    let now = || start.elapsed().as_millis() as u64;
+    initialize_and_elect(&shared).await?;
     let (old, old_term) = shared.leader().ok_or("no leader")?;
     let old_node = shared.node(old).ok_or("no old leader")?;
     let others: Vec<NodeId> = NODES.iter().copied().filter(|n| *n != old).collect();
@@ -2134,26 +2141,39 @@ async fn deposed_leader_scenario(shared: Arc<Shared>) -> Result<String, String> 
 /// after losing the lead (fails without that: shown 4/4 before the fix).
 #[test]
 fn deposed_leader_caught_up_by_a_snapshot_keeps_proposing() {
+    run_scenario(7, 120, true, deposed_leader_scenario);
+}
+
+/// Three nodes (fresh data directories, frequent snapshots if `compact`)
+/// and a driver running `scenario` on a simulated network (`rng_seed`),
+/// at most `secs` of simulated time; panics with the scenario's report if
+/// it fails.
+fn run_scenario<F, Fut>(rng_seed: u64, secs: u64, compact: bool, scenario: F)
+where
+    F: FnOnce(Arc<Shared>) -> Fut,
+    Fut: std::future::Future<Output = Result<String, String>> + 'static,
+{
     let root = data_root();
     let shared = Arc::new(Shared::default());
     let mut sim = turmoil::Builder::new()
-        .rng_seed(7)
-        .simulation_duration(Duration::from_secs(120))
+        .rng_seed(rng_seed)
+        .simulation_duration(Duration::from_secs(secs))
         .min_message_latency(Duration::from_millis(1))
         .max_message_latency(LATENCY_MAX)
         .tcp_capacity(4096)
         .build();
     for id in NODES {
         let (dir, shared) = (root.path().join(format!("node-{id}")), shared.clone());
-        let options = raft_options(true);
+        let options = raft_options(compact);
         sim.host(host(id), move || {
             run_host(id, dir.clone(), options.clone(), shared.clone())
         });
     }
     let result: Arc<Mutex<Option<Result<String, String>>>> = Arc::default();
-    let (r, s) = (result.clone(), shared.clone());
+    let r = result.clone();
+    let run = scenario(shared.clone());
     sim.client("driver", async move {
-        *lock(&r) = Some(deposed_leader_scenario(s).await);
+        *lock(&r) = Some(run.await);
         Ok(())
     });
     sim.run().expect("simulation");
@@ -2163,5 +2183,89 @@ fn deposed_leader_caught_up_by_a_snapshot_keeps_proposing() {
     match outcome {
         Ok(report) => println!("{report}"),
         Err(report) => panic!("{report}"),
+    }
+}
+
+/// The leader replicates its appends while its own disk is still flushing
+/// them, and counts itself in the commit quorum only once its flush is
+/// reported (our patch of openraft 0.9.25, `vendor/openraft/PATCHED.md`).
+///
+/// With the leader's flush reports held back (`LogStats` test hook: the
+/// data is written, the report withheld): (1) with both followers up, a
+/// command commits on their disks alone; (2) with one follower cut off,
+/// nothing commits — the leader's unreported append must not count — and
+/// (3) it commits once the leader's report arrives. Unpatched openraft
+/// fails (1) (its core waits for the leader's flush before it replicates);
+/// counting the leader at submission fails (2).
+#[test]
+fn leader_replicates_while_it_flushes_and_counts_itself_after() {
+    run_scenario(11, 60, false, held_flush_scenario);
+}
+
+async fn held_flush_scenario(shared: Arc<Shared>) -> Result<String, String> {
+    let start = tokio::time::Instant::now();
+    let now = || start.elapsed().as_millis() as u64;
+    initialize_and_elect(&shared).await?;
+    let (leader, term) = shared.leader().ok_or("no leader")?;
+    let node = shared.node(leader).ok_or("no leader node")?;
+    let others: Vec<NodeId> = NODES.iter().copied().filter(|n| *n != leader).collect();
+    // One command with every report delivered: the cluster works.
+    let warm = submit_at(&node, now(), Op::Tick).await?;
+    tokio::time::timeout(Duration::from_secs(5), warm)
+        .await
+        .map_err(|_| "no commit before the hold".to_string())?
+        .map_err(|e| e.to_string())?;
+
+    let stats = node.log_stats();
+    stats.hold_append_reports_for_tests();
+    // (1) Both followers up: commits on their disks while the leader's
+    // report is held. A second is ~100 heartbeats of simulated time.
+    let both = submit_at(&node, now(), Op::Tick).await?;
+    let one = match tokio::time::timeout(Duration::from_secs(1), both).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => return Err(format!("(1) the command failed: {e}")),
+        Err(_) => {
+            stats.release_append_reports_for_tests();
+            return Err(
+                "(1) no commit in 1 s while the leader's flush report was held: the leader \
+                 waits for its own flush before it replicates"
+                    .into(),
+            );
+        }
+    };
+    // (2) One follower cut off: the leader's append is one of the two
+    // copies a commit needs, and it is not reported on disk.
+    let cut = others[1];
+    turmoil::partition(host(leader), host(cut));
+    let applied = node.applied_index();
+    let mut pending = submit_at(&node, now(), Op::Tick).await?;
+    let early = tokio::time::timeout(Duration::from_secs(1), &mut pending).await;
+    let after = node.applied_index();
+    let still = shared.leader();
+    // (3) The report arrives: it commits with the remaining follower.
+    stats.release_append_reports_for_tests();
+    let late = match early {
+        Ok(_) => None,
+        Err(_) => Some(tokio::time::timeout(Duration::from_secs(3), &mut pending).await),
+    };
+    turmoil::repair(host(leader), host(cut));
+    if still != Some((leader, term)) {
+        return Err(format!("(2) the leader changed during the test: {still:?}"));
+    }
+    if let Ok(r) = early {
+        return Err(format!(
+            "(2) committed ({r:?}; applied {applied} -> {after}) with one follower cut off \
+             and the leader's append not reported on disk: the leader counted itself \
+             before its flush"
+        ));
+    }
+    match late.ok_or("unreachable: answered early")? {
+        Ok(Ok(r)) => Ok(format!(
+            "leader {leader} (term {term}), its flush reports held: a command committed on \
+             the followers' disks ({one:?}); with node {cut} cut off nothing committed in 1 s \
+             (applied index {applied} -> {after}); the report released, it committed: {r:?}"
+        )),
+        Ok(Err(e)) => Err(format!("(3) the command failed: {e}")),
+        Err(_) => Err("(3) no commit within 3 s of the leader's flush report".into()),
     }
 }

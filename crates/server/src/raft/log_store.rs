@@ -141,7 +141,14 @@ impl raft_log::Callback for Flushed {
                     stats.durable_commits.fetch_add(1, Ordering::Relaxed);
                     stats.entries_appended.fetch_add(entries, Ordering::Relaxed);
                 }
-                cb.log_io_completed(res);
+                let mut held = lock_held(&stats);
+                match held.as_mut() {
+                    Some(parked) => parked.push((cb, res)),
+                    None => {
+                        drop(held);
+                        cb.log_io_completed(res);
+                    }
+                }
             }
             Flushed::Wait(tx, stats) => {
                 if res.is_ok() {
@@ -238,7 +245,7 @@ impl Tail {
 
 /// Counters of the log store, shared with whoever wants them (tests,
 /// metrics) without keeping the store open.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct LogStats {
     /// Writes made durable with fsync (appends, votes, truncations,
     /// purges), counted as each one's flush completes; the flush thread may
@@ -246,6 +253,48 @@ pub struct LogStats {
     pub durable_commits: AtomicU64,
     /// Entries appended.
     pub entries_appended: AtomicU64,
+    /// Test hook: while `Some`, the reports to openraft that an append is
+    /// on disk are parked here instead of delivered (a disk that is slow to
+    /// say so). See [`LogStats::hold_append_reports_for_tests`].
+    held: Mutex<Option<Vec<HeldReport>>>,
+}
+
+impl std::fmt::Debug for LogStats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LogStats")
+            .field("durable_commits", &self.durable_commits)
+            .field("entries_appended", &self.entries_appended)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A flush report parked by the test hook.
+type HeldReport = (LogFlushed<TypeConfig>, io::Result<()>);
+
+fn lock_held(stats: &LogStats) -> MutexGuard<'_, Option<Vec<HeldReport>>> {
+    stats.held.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl LogStats {
+    /// Test hook: from now on, park the reports that appends reached the
+    /// disk (the data is still written and fsynced) until
+    /// [`LogStats::release_append_reports_for_tests`].
+    #[doc(hidden)]
+    pub fn hold_append_reports_for_tests(&self) {
+        let mut held = lock_held(self);
+        if held.is_none() {
+            *held = Some(Vec::new());
+        }
+    }
+
+    /// Test hook: deliver the parked reports, in order, and stop parking.
+    #[doc(hidden)]
+    pub fn release_append_reports_for_tests(&self) {
+        let parked = lock_held(self).take().unwrap_or_default();
+        for (cb, res) in parked {
+            cb.log_io_completed(res);
+        }
+    }
 }
 
 struct Inner {
