@@ -280,16 +280,27 @@ impl Pending {
     /// only requests that are safe to repeat are retried: a RELEASE, CANCEL
     /// or LOCK (same nonce) left unanswered would leave a grant or a wait
     /// behind in a live session.
+    ///
+    /// A background request (a CANCEL, or a RELEASE nobody waits for)
+    /// answered `LIMIT` is asked again too: the server's
+    /// `requests_in_flight_max` refuses it before proposing, and a CANCEL
+    /// whose LOCK has not arrived yet can meet `outcomes_per_session_max`;
+    /// both pass, and dropping the request would leave a grant behind (a
+    /// caller sees its own `LIMIT`).
     fn retry_on(&self, reply: &ResponseBody) -> bool {
+        let ResponseBody::Error(e) = reply else {
+            return false;
+        };
+        let not_done = match e.code {
+            ErrorCode::NotLeader | ErrorCode::Unavailable => true,
+            ErrorCode::Limit => self.is_background(),
+            _ => false,
+        };
         self.resend
+            && not_done
             && !matches!(self.kind, PendingKind::Keepalive | PendingKind::Close(_))
             // STATUS reports the server as it is, "not serving" included.
             && !matches!(self.body, RequestBody::Status)
-            && matches!(
-                reply,
-                ResponseBody::Error(e)
-                    if matches!(e.code, ErrorCode::NotLeader | ErrorCode::Unavailable)
-            )
     }
 
     /// Whether nobody waits for this request any more.

@@ -954,6 +954,19 @@ async fn not_now_answers_are_retried_for_safe_requests() {
     assert_eq!(guard.token(), 21);
 
     // An abandoned acquire's CANCEL.
+    let (req, nonce, cancel) = abandon_a_queued_acquire(&client, &mut peer).await;
+    peer.error(cancel.id, ErrorCode::Unavailable).await;
+    let cancel2 = peer.recv_op().await;
+    assert_eq!(cancel2.body, RequestBody::Cancel { nonce });
+    peer.error(req.id, ErrorCode::Cancelled).await;
+    peer.ok(cancel2.id, OkReply::default()).await;
+    peer.idle(Duration::from_secs(3)).await;
+    drop(guard);
+}
+
+/// An acquire of z/w answered QUEUED, then dropped by its caller: returns
+/// its LOCK, the LOCK's nonce and the CANCEL the client sent for it.
+async fn abandon_a_queued_acquire(client: &Client, peer: &mut Peer) -> (Request, u64, Request) {
     let c = client.clone();
     let acquire = tokio::spawn(async move { c.lock("z", "w").acquire().await });
     let req = peer.recv_op().await;
@@ -963,13 +976,34 @@ async fn not_now_answers_are_retried_for_safe_requests() {
     acquire.abort();
     let cancel = peer.recv_op().await;
     assert_eq!(cancel.body, RequestBody::Cancel { nonce });
-    peer.error(cancel.id, ErrorCode::Unavailable).await;
-    let cancel2 = peer.recv_op().await;
-    assert_eq!(cancel2.body, RequestBody::Cancel { nonce });
+    (req, nonce, cancel)
+}
+
+/// A CANCEL answered `LIMIT` (the server's `requests_in_flight_max`, or
+/// `outcomes_per_session_max` when the LOCK has not arrived) did nothing:
+/// it is sent again, and its nonce stays outstanding until it is answered.
+/// Dropped, the LOCK behind it could be granted to nobody.
+#[tokio::test(start_paused = true)]
+async fn a_cancel_answered_limit_is_sent_again() {
+    let (client, mut peer, _net, _acc) = connected(&["a:1"]).await;
+    let (req, nonce, cancel) = abandon_a_queued_acquire(&client, &mut peer).await;
+    peer.error(cancel.id, ErrorCode::Limit).await;
+    // Retried within the backoff's 1 s cap (simulated time).
+    let again = tokio::time::timeout(Duration::from_secs(5), peer.recv_op())
+        .await
+        .expect("the CANCEL is sent again");
+    assert_eq!(
+        again.body,
+        RequestBody::Cancel { nonce },
+        "the CANCEL again"
+    );
+    assert!(
+        lock(&client.inner_shared().nonces).low_water() <= nonce,
+        "the nonce is not retired before the CANCEL is answered"
+    );
     peer.error(req.id, ErrorCode::Cancelled).await;
-    peer.ok(cancel2.id, OkReply::default()).await;
+    peer.ok(again.id, OkReply::default()).await;
     peer.idle(Duration::from_secs(3)).await;
-    drop(guard);
 }
 
 /// An acquire that gave up locally (its CANCEL is on its way) and whose
