@@ -260,7 +260,7 @@ impl Client {
         let settings = Settings {
             request_timeout: config.request_timeout,
             backoff_min: config.reconnect_backoff_min,
-            backoff_max: config.reconnect_backoff_max,
+            backoff_max: reconnect_cap(&config),
             probe_interval: Some(config.probe_interval).filter(|d| !d.is_zero()),
         };
         let (probe_tx, probe_rx) = mpsc::unbounded_channel();
@@ -886,6 +886,19 @@ impl LockBuilder {
         }
         Ok(guard)
     }
+}
+
+/// The reconnect backoff's largest delay: `reconnect_backoff_max`, but at
+/// most a quarter of the session timeout (never below
+/// `reconnect_backoff_min`). The session outlives a disconnect by its
+/// timeout; a client that sleeps most of it between rounds can come back
+/// too late — e.g. just after every server was stalled for longer than the
+/// backoff's ceiling — so it tries at least about four times within it.
+fn reconnect_cap(config: &ClientConfig) -> Duration {
+    config
+        .reconnect_backoff_max
+        .min(config.session_timeout / 4)
+        .max(config.reconnect_backoff_min)
 }
 
 #[cfg(test)]

@@ -76,7 +76,9 @@ pub struct ClientConfig {
     /// Reconnect backoff: the first delay (before jitter).
     #[serde(default = "defaults::backoff_min", with = "duration_serde")]
     pub reconnect_backoff_min: Duration,
-    /// Reconnect backoff: the largest delay (before jitter).
+    /// Reconnect backoff: the largest delay (before jitter); at most a
+    /// quarter of `session_timeout` is used, so that the session's client
+    /// tries several times before the session could expire.
     #[serde(default = "defaults::backoff_max", with = "duration_serde")]
     pub reconnect_backoff_max: Duration,
     /// Requests one connection may have awaiting their final reply (the

@@ -767,6 +767,36 @@ async fn connect_rides_through_an_election() {
     refuse.abort();
 }
 
+/// The reconnect delay is capped at a quarter of the session timeout: a
+/// client whose servers were all away comes back well within its session's
+/// timeout (2 s here: rounds at most 500 ms apart, though
+/// `reconnect_backoff_max` is 5 s).
+#[tokio::test(start_paused = true)]
+async fn reconnect_rounds_stay_within_a_quarter_of_the_session_timeout() {
+    let (net, mut accepts) = MockNet::new();
+    let mut cfg = config(&["a:1"]);
+    cfg.session_timeout = Duration::from_secs(2);
+    cfg.reconnect_backoff_max = Duration::from_secs(5);
+    let connect = tokio::spawn(Client::connect_with(cfg, net.clone()));
+    let mut peer = Peer::accept(&mut accepts).await;
+    peer.hello(CLUSTER, false, vec![]).await;
+    let _client = connect.await.unwrap().unwrap();
+    // The server goes away; every later connection is dropped before HELLO.
+    drop(peer);
+    let mut last = Instant::now();
+    let mut gaps = Vec::new();
+    for _ in 0..10 {
+        let (_, io) = accepts.recv().await.expect("the client dials again");
+        gaps.push(last.elapsed());
+        last = Instant::now();
+        drop(io);
+    }
+    assert!(
+        gaps.iter().all(|g| *g <= Duration::from_millis(500)),
+        "rounds {gaps:?} apart"
+    );
+}
+
 /// A server that never answers HELLO is given up after connect_timeout.
 #[tokio::test(start_paused = true)]
 async fn silent_server_times_out_at_connect() {
