@@ -101,9 +101,10 @@ static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // Servers log their life at info; client commands speak only when
-    // something is wrong (their output is for people and scripts).
+    // something is wrong (their output is for people and scripts). raft-log
+    // (the Raft log's WAL) logs a line per flush at info: warn and above.
     let default_filter = match cli.command {
-        Command::Server { .. } | Command::Dev(_) => "info,openraft=error",
+        Command::Server { .. } | Command::Dev(_) => "info,openraft=error,raft_log=warn",
         _ => "warn,openraft=error",
     };
     tracing_subscriber::fmt()
