@@ -2141,14 +2141,13 @@ async fn deposed_leader_scenario(shared: Arc<Shared>) -> Result<String, String> 
 /// after losing the lead (fails without that: shown 4/4 before the fix).
 #[test]
 fn deposed_leader_caught_up_by_a_snapshot_keeps_proposing() {
-    run_scenario(7, 120, true, deposed_leader_scenario);
+    run_scenario(7, 120, raft_options(true), deposed_leader_scenario);
 }
 
-/// Three nodes (fresh data directories, frequent snapshots if `compact`)
-/// and a driver running `scenario` on a simulated network (`rng_seed`),
+/// Three nodes (fresh data directories, `options`) and a driver running `scenario` on a simulated network (`rng_seed`),
 /// at most `secs` of simulated time; panics with the scenario's report if
 /// it fails.
-fn run_scenario<F, Fut>(rng_seed: u64, secs: u64, compact: bool, scenario: F)
+fn run_scenario<F, Fut>(rng_seed: u64, secs: u64, options: RaftOptions, scenario: F)
 where
     F: FnOnce(Arc<Shared>) -> Fut,
     Fut: std::future::Future<Output = Result<String, String>> + 'static,
@@ -2164,7 +2163,7 @@ where
         .build();
     for id in NODES {
         let (dir, shared) = (root.path().join(format!("node-{id}")), shared.clone());
-        let options = raft_options(compact);
+        let options = options.clone();
         sim.host(host(id), move || {
             run_host(id, dir.clone(), options.clone(), shared.clone())
         });
@@ -2199,7 +2198,14 @@ where
 /// counting the leader at submission fails (2).
 #[test]
 fn leader_replicates_while_it_flushes_and_counts_itself_after() {
-    run_scenario(11, 60, false, held_flush_scenario);
+    // A follower's flush runs on raft-log's thread in real time while the
+    // simulated clock runs on (see the module docs), and its replication
+    // stream sends no heartbeat meanwhile: long election timeouts keep a
+    // slow flush on a loaded machine from starting an election mid-test.
+    let mut options = raft_options(false);
+    options.election_timeout_min_ms = 10_000;
+    options.election_timeout_max_ms = 20_000;
+    run_scenario(11, 300, options, held_flush_scenario);
 }
 
 async fn held_flush_scenario(shared: Arc<Shared>) -> Result<String, String> {
@@ -2219,15 +2225,15 @@ async fn held_flush_scenario(shared: Arc<Shared>) -> Result<String, String> {
     let stats = node.log_stats();
     stats.hold_append_reports_for_tests();
     // (1) Both followers up: commits on their disks while the leader's
-    // report is held. A second is ~100 heartbeats of simulated time.
+    // report is held (10 s of simulated time; a commit takes milliseconds).
     let both = submit_at(&node, now(), Op::Tick).await?;
-    let one = match tokio::time::timeout(Duration::from_secs(1), both).await {
+    let one = match tokio::time::timeout(Duration::from_secs(10), both).await {
         Ok(Ok(r)) => r,
         Ok(Err(e)) => return Err(format!("(1) the command failed: {e}")),
         Err(_) => {
             stats.release_append_reports_for_tests();
             return Err(
-                "(1) no commit in 1 s while the leader's flush report was held: the leader \
+                "(1) no commit in 10 s while the leader's flush report was held: the leader \
                  waits for its own flush before it replicates"
                     .into(),
             );
@@ -2246,7 +2252,7 @@ async fn held_flush_scenario(shared: Arc<Shared>) -> Result<String, String> {
     stats.release_append_reports_for_tests();
     let late = match early {
         Ok(_) => None,
-        Err(_) => Some(tokio::time::timeout(Duration::from_secs(3), &mut pending).await),
+        Err(_) => Some(tokio::time::timeout(Duration::from_secs(10), &mut pending).await),
     };
     turmoil::repair(host(leader), host(cut));
     if still != Some((leader, term)) {
@@ -2266,6 +2272,6 @@ async fn held_flush_scenario(shared: Arc<Shared>) -> Result<String, String> {
              (applied index {applied} -> {after}); the report released, it committed: {r:?}"
         )),
         Ok(Err(e)) => Err(format!("(3) the command failed: {e}")),
-        Err(_) => Err("(3) no commit within 3 s of the leader's flush report".into()),
+        Err(_) => Err("(3) no commit within 10 s of the leader's flush report".into()),
     }
 }
