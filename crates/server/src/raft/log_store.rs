@@ -288,10 +288,12 @@ impl LogStats {
     }
 
     /// Test hook: deliver the parked reports, in order, and stop parking.
+    /// Delivered under the lock, so that a flush completing meanwhile
+    /// reports after them.
     #[doc(hidden)]
     pub fn release_append_reports_for_tests(&self) {
-        let parked = lock_held(self).take().unwrap_or_default();
-        for (cb, res) in parked {
+        let mut held = lock_held(self);
+        for (cb, res) in held.take().unwrap_or_default() {
             cb.log_io_completed(res);
         }
     }
